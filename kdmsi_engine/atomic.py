@@ -1,0 +1,115 @@
+"""Atomic outputs: write under a temporary name, rename when complete.
+
+Every file the engine writes goes through :func:`atomic_output`, so a cancelled, crashed or
+killed job never leaves a half-written file under the final name, and an existing file is only
+replaced when the user asked for it (``overwrite=True``). Call :func:`check_output` for every
+output *before* starting work, so a job that cannot write its results fails at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from kdmsi_engine.errors import OutputError
+
+PARTIAL_MARK = ".partial-"
+
+
+def check_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Check that ``path`` can be written; return it as an absolute :class:`Path`.
+
+    Raises:
+        OutputError: the file exists and ``overwrite`` is false, the folder is missing or not
+            writable, or the path is a folder.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder; give a file name")
+    if target.exists() and not overwrite:
+        raise OutputError(f"output {target} already exists; pass --overwrite to replace it")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {parent} is not writable; choose another folder")
+    return target
+
+
+def check_output_dir(path: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """Check (and by default create) an output folder; return it as an absolute path."""
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output {folder} is a file, not a folder; choose a folder name")
+    if not folder.exists():
+        if not create:
+            raise OutputError(f"output folder {folder} does not exist; create it first")
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {folder}: {exc.strerror}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable; choose another folder")
+    return folder
+
+
+def partial_path(target: Path) -> Path:
+    """A hidden temporary name beside ``target`` that keeps its extension (GDAL needs it)."""
+    token = f"{os.getpid()}-{secrets.token_hex(3)}"
+    return target.with_name(f".{target.stem}{PARTIAL_MARK}{token}{target.suffix}")
+
+
+def _remove(path: Path) -> None:
+    for candidate in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            candidate.unlink()
+    aux = Path(f"{path}.aux.xml")
+    with contextlib.suppress(FileNotFoundError):
+        aux.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` when the block succeeds.
+
+    The temporary file is removed if the block raises (cancel included). A full disk becomes an
+    :class:`OutputError` that names the file.
+
+    Example:
+        >>> with atomic_output("change.tif", overwrite=False) as tmp:  # doctest: +SKIP
+        ...     write_raster(tmp)
+    """
+    target = check_output(path, overwrite=overwrite)
+    tmp = partial_path(target)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError(f"nothing was written for {target}")
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(
+                f"disk full while writing {target}; free space or choose another folder"
+            ) from exc
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    """Write a small text file (JSON records) atomically."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

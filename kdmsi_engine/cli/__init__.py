@@ -1,0 +1,133 @@
+"""The ``kdmsi`` command line.
+
+Each sub-command lives in its own module of this package and exposes ``register(subparsers,
+common)``, which adds an ``argparse`` parser (with ``parents=[common]``) whose ``handler`` default
+is a function ``handler(args, progress) -> dict | None``. The handler calls one engine job; the
+returned dictionary is the job's result (paths written, metrics), printed as a ``result`` event
+with ``--progress json`` and as ``key: value`` lines otherwise.
+
+Every command takes ``--device``, ``--progress {bar,json,none}`` and ``--overwrite``. Bad input
+ends with exit status 2 and one line on stderr that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any
+
+from kdmsi_engine import __version__
+from kdmsi_engine.errors import CancelledError, KdmsiError
+from kdmsi_engine.progress import BarReporter, CancelFlag, JsonReporter, Progress, ProgressEvent
+
+logger = logging.getLogger(__name__)
+
+#: Sub-command modules, in the order ``kdmsi --help`` lists them.
+COMMAND_MODULES = (
+    "grid",
+    "labels",
+    "train",
+    "infer",
+    "pseudo",
+    "evaluate",
+    "train_detector",
+    "detect",
+    "vectorize",
+    "run",
+    "batch",
+    "env",
+)
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="compute device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N",
+    )
+    group.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        default="bar",
+        help="progress display: a bar on stderr, one JSON object a line on stdout, or nothing",
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace outputs that already exist"
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    return common
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kdmsi {self.prog.split(' ')[-1]}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kdmsi",
+        description="Weakly supervised change detection (KD-MSI) for georeferenced image pairs.",
+    )
+    parser.add_argument("--version", action="version", version=f"kdmsi {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    common = _common_parser()
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"kdmsi_engine.cli.{name}")
+        module.register(subparsers, common)
+    return parser
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    cancel = CancelFlag()
+    cancel.install_signal_handlers()
+    reporter: Any
+    if args.progress == "json":
+        reporter = JsonReporter()
+    elif args.progress == "bar":
+        reporter = BarReporter()
+    else:
+        reporter = None
+    progress = Progress(reporter, cancel)
+    try:
+        result = args.handler(args, progress)
+    except KeyboardInterrupt:
+        return _fail(args, reporter, CancelledError("cancelled by the user; nothing was written"))
+    except KdmsiError as exc:
+        return _fail(args, reporter, exc)
+    if result is not None:
+        if args.progress == "json":
+            reporter(ProgressEvent("result", progress.current_stage, data=result))
+        else:
+            _print_result(result)
+    return 0
+
+
+def _fail(args: argparse.Namespace, reporter: Any, exc: KdmsiError) -> int:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if args.progress == "json" and reporter is not None:
+        reporter(ProgressEvent("error", message=message, data={"type": type(exc).__name__}))
+    print(f"kdmsi {args.command}: error: {message}", file=sys.stderr)
+    return exc.exit_code
