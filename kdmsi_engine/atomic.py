@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from kdmsi_engine.errors import OutputError
+from kdmsi_engine.errors import KdmsiError, OutputError
 
 PARTIAL_MARK = ".partial-"
 
@@ -72,6 +73,32 @@ def _remove(path: Path) -> None:
         aux.unlink()
 
 
+_GDAL_LOGGERS = ("rasterio._env", "fiona._env", "rasterio._io", "rasterio._base")
+_DISK_FULL_TEXT = ("no space left on device", "disk is full", "disk full")
+_MIN_FREE_BYTES = 16 * 1024
+
+
+class _GdalErrors(logging.Handler):
+    """Collects GDAL errors logged by rasterio/fiona while an output is written."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _disk_full(folder: Path, texts: list[str]) -> bool:
+    if any(mark in text.lower() for text in texts for mark in _DISK_FULL_TEXT):
+        return True
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _MIN_FREE_BYTES
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; rename it to ``path`` when the block succeeds.
@@ -85,22 +112,37 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
     """
     target = check_output(path, overwrite=overwrite)
     tmp = partial_path(target)
+    errors = _GdalErrors()
+    loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
+    for log in loggers:
+        log.addHandler(errors)
+    full_message = f"disk full while writing {target}; free space or choose another folder"
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (KdmsiError, KeyboardInterrupt, OSError):
+            raise
+        except Exception as exc:  # GDAL/SQLite report a full disk as their own errors
+            if _disk_full(target.parent, [str(exc), *errors.messages]):
+                raise OutputError(full_message) from exc
+            raise
         if not tmp.exists():
             raise OutputError(f"nothing was written for {target}")
+        if _disk_full(target.parent, errors.messages):  # GDAL logs write errors, raises nothing
+            raise OutputError(full_message)
         _fsync(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         _remove(tmp)
         if exc.errno == errno.ENOSPC:
-            raise OutputError(
-                f"disk full while writing {target}; free space or choose another folder"
-            ) from exc
+            raise OutputError(full_message) from exc
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        for log in loggers:
+            log.removeHandler(errors)
 
 
 def _fsync(path: Path) -> None:

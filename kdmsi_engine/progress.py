@@ -167,6 +167,11 @@ class BarReporter:
             self._stream.write("\n")
             self._open_line = False
 
+    def finish(self) -> None:
+        """End an open bar line, so a following message starts on its own line."""
+        self._newline()
+        self._stream.flush()
+
     def __call__(self, event: ProgressEvent) -> None:
         if event.kind == "stage":
             self._newline()

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -67,7 +68,24 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, like every other error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if "json" in sys.argv[1:] and "--progress" in sys.argv[1:]:
+            print(ProgressEvent("error", message=message, data={"type": "UsageError"}).to_json())
         self.exit(2, f"kdmsi {self.prog.split(' ')[-1]}: error: {message}\n")
+
+
+class _GdalNoise(logging.Filter):
+    """GDAL messages relayed by rasterio/fiona (loggers ``*._env``) show with --verbose only.
+
+    The engine turns GDAL failures into one clear error line; GDAL's own record is noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.endswith("._env")
+
+
+def _limit_gdal_cache() -> None:
+    """Cap GDAL's block cache (5 % of RAM by default) so long runs over huge rasters stay small."""
+    os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +112,7 @@ def _print_result(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    _limit_gdal_cache()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -101,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_GdalNoise())
     cancel = CancelFlag()
     cancel.install_signal_handlers()
     reporter: Any
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.progress == "json":
             reporter(ProgressEvent("result", progress.current_stage, data=result))
         else:
+            if isinstance(reporter, BarReporter):
+                reporter.finish()
             _print_result(result)
     return 0
 
@@ -129,5 +153,7 @@ def _fail(args: argparse.Namespace, reporter: Any, exc: KdmsiError) -> int:
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if args.progress == "json" and reporter is not None:
         reporter(ProgressEvent("error", message=message, data={"type": type(exc).__name__}))
+    if isinstance(reporter, BarReporter):
+        reporter.finish()
     print(f"kdmsi {args.command}: error: {message}", file=sys.stderr)
     return exc.exit_code

@@ -1,7 +1,51 @@
-"""`kdmsi batch` (placeholder until its owner replaces it)."""
+"""``kdmsi batch MANIFEST -o OUTDIR``: train once on labelled scenes, detect on every scene."""
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
 
-def register(subparsers, common) -> None:  # noqa: ARG001
-    """Not registered yet."""
+from kdmsi_engine.cli.run import add_run_options, config_from_args
+from kdmsi_engine.progress import Progress
+
+NAME = "batch"
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``kdmsi batch``."""
+    parser = subparsers.add_parser(
+        NAME,
+        parents=[common],
+        help="many scenes: train once on the labelled ones, detect on all",
+        description=(
+            "Read a manifest (CSV name,before,after,labels; labels empty for detect-only "
+            "scenes), train KD-MSI and the detector once over the labelled scenes, and detect "
+            "on every scene into OUTDIR/<name>/. A failing scene is reported in "
+            "OUTDIR/batch.json and the others go on; a rerun skips finished scenes and reuses "
+            "trained models (--overwrite starts again)."
+        ),
+    )
+    parser.add_argument("manifest", metavar="MANIFEST", help="scene manifest (CSV)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    add_run_options(parser)
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from kdmsi_engine.pipeline import batch_scenes
+
+    record = batch_scenes(
+        args.manifest,
+        args.output,
+        config=config_from_args(args),
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
+    return {
+        "batch_record": record["batch_record"],
+        "status": record["status"],
+        "counts": record["counts"],
+        "failed": [s["name"] for s in record["scenes"] if s.get("status") == "failed"],
+    }

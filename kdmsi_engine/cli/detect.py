@@ -1,7 +1,84 @@
-"""`kdmsi detect` (placeholder until its owner replaces it)."""
+"""``kdmsi detect BEFORE AFTER --model DETECTOR.kdmsi -o OUTDIR``: detect changes."""
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
 
-def register(subparsers, common) -> None:  # noqa: ARG001
-    """Not registered yet."""
+from kdmsi_engine.progress import Progress
+
+NAME = "detect"
+
+
+def add_polygon_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the change polygons (shared by detect, run and batch)."""
+    parser.add_argument(
+        "--min-area", type=float, default=0.0, metavar="M2", help="drop polygons under M2 m²"
+    )
+    parser.add_argument(
+        "--simplify", type=float, default=0.0, metavar="M", help="simplify polygons (CRS units)"
+    )
+    parser.add_argument(
+        "--fill-holes", type=float, default=0.0, metavar="M2", help="fill holes under M2 m²"
+    )
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``kdmsi detect``."""
+    parser = subparsers.add_parser(
+        NAME,
+        parents=[common],
+        help="detect changes with a trained detector (rasters + polygons)",
+        description=(
+            "Run a trained change detector over a whole scene pair with overlapping, blended "
+            "windows; write OUTDIR/change_probability.tif, change.tif, changes.gpkg and run.json."
+        ),
+    )
+    parser.add_argument("before", metavar="BEFORE", help="raster of the first date")
+    parser.add_argument("after", metavar="AFTER", help="raster of the second date")
+    parser.add_argument(
+        "--model", required=True, metavar="DETECTOR.kdmsi", help="from 'kdmsi train-detector'"
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "--tile-size", type=int, help="window size (default: the model's tile size, >= 128)"
+    )
+    parser.add_argument("--overlap", type=int, help="window overlap (default: a quarter)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per pass (4)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="change probability threshold (0.5)"
+    )
+    parser.add_argument(
+        "--scales", default="1", help="test-time scales, e.g. 0.75,1,1.25 (default 1)"
+    )
+    parser.add_argument("--flip", action="store_true", help="also average horizontal flips")
+    add_polygon_options(parser)
+    parser.add_argument("--dst-crs", metavar="CRS", help="reproject polygons, e.g. EPSG:4326")
+    parser.add_argument("--scene", help="scene name for the polygons (default: BEFORE's name)")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from kdmsi_engine.detect import detect_scene
+
+    record = detect_scene(
+        args.before,
+        args.after,
+        args.model,
+        args.output,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        scales=args.scales,
+        flip=args.flip,
+        min_area=args.min_area,
+        simplify=args.simplify,
+        fill_holes=args.fill_holes,
+        dst_crs=args.dst_crs,
+        scene_name=args.scene,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
+    return {**record["outputs"], "polygons": record["polygons"], "device": record["device"]}

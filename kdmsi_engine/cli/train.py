@@ -1,7 +1,109 @@
-"""`kdmsi train` (placeholder until its owner replaces it)."""
+"""``kdmsi train``: train the KD-MSI teacher and student on weak tile labels."""
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
 
-def register(subparsers, common) -> None:  # noqa: ARG001
-    """Not registered yet."""
+from kdmsi_engine.models.backbones import BACKBONES
+from kdmsi_engine.models.kdmsi import COMBINATIONS
+from kdmsi_engine.progress import Progress
+from kdmsi_engine.training.kd import PRECISIONS, train_kdmsi
+
+NAME = "train"
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        parents=[common],
+        help="train the KD-MSI teacher and student from weak (tile) labels",
+        description=(
+            "Train a CAM teacher (tile classification) and a sigmoid student distilled from it "
+            "(L = L_cls + lambda L_kd) on the labelled tiles of BEFORE/AFTER (--labels), of a "
+            "manifest of scenes (--scenes) or of a folder dataset A/ B/ label/ (--dataset). "
+            "Writes one model file with both networks; a checkpoint OUT.ckpt after every epoch "
+            "lets --resume continue an interrupted run."
+        ),
+    )
+    parser.add_argument("before", nargs="?", help="raster of the first date")
+    parser.add_argument("after", nargs="?", help="raster of the second date")
+    parser.add_argument("--labels", help="weak labels: polygons/points with a change field")
+    parser.add_argument("--label-field", default="change", help="label field (change)")
+    parser.add_argument(
+        "--unmarked-unchanged",
+        action="store_true",
+        help="tiles no label touches count as unchanged (default: they do not train)",
+    )
+    parser.add_argument("--scenes", metavar="MANIFEST", help="CSV name,before,after,labels")
+    parser.add_argument("--dataset", metavar="DIR", help="folder dataset with A/ B/ label/")
+    parser.add_argument("-o", "--output", required=True, help="model file to write (.kdmsi)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="(resnet50)")
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="starting backbone weights: imagenet, none, or a state-dict FILE (imagenet)",
+    )
+    parser.add_argument("--epochs", type=int, default=20, help="(20)")
+    parser.add_argument("--batch-size", type=int, default=8, help="(8)")
+    parser.add_argument("--lr", type=float, default=0.001, help="base learning rate (0.001)")
+    parser.add_argument("--kd-weight", type=float, default=10.0, help="lambda of L_kd (10)")
+    parser.add_argument(
+        "--teacher-combination", choices=COMBINATIONS, default="diff", help="(diff)"
+    )
+    parser.add_argument(
+        "--student-combination", choices=COMBINATIONS, default="diff", help="(diff)"
+    )
+    parser.add_argument("--tile-size", type=int, default=256, help="tile size in pixels (256)")
+    parser.add_argument(
+        "--min-valid", type=float, default=0.5, help="minimum valid fraction of a tile (0.5)"
+    )
+    parser.add_argument("--bands", default=None, help="bands, e.g. 1,2,3 (first three)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no flips/rotations (default: the same random flip/rot90 on both dates)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: fp16 + grad scaling on CUDA, fp32 on CPU; bf16 on capable CPUs",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT.ckpt of an interrupted run"
+    )
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    result = train_kdmsi(
+        args.before,
+        args.after,
+        out=args.output,
+        labels=args.labels,
+        scenes=args.scenes,
+        dataset=args.dataset,
+        label_field=args.label_field,
+        unmarked_unchanged=args.unmarked_unchanged,
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        kd_weight=args.kd_weight,
+        teacher_combination=args.teacher_combination,
+        student_combination=args.student_combination,
+        tile_size=args.tile_size,
+        min_valid_fraction=args.min_valid,
+        bands=args.bands,
+        seed=args.seed,
+        augment=not args.no_augment,
+        resume=args.resume,
+        device=args.device,
+        precision=args.precision,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
+    return {k: v for k, v in result.items() if k not in ("metadata", "networks")}

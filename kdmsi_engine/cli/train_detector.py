@@ -1,7 +1,99 @@
-"""`kdmsi train-detector` (placeholder until its owner replaces it)."""
+"""``kdmsi train-detector``: train the Siamese DeepLabV3+ change detector on pseudo labels."""
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
 
-def register(subparsers, common) -> None:  # noqa: ARG001
-    """Not registered yet."""
+from kdmsi_engine.progress import Progress
+
+NAME = "train-detector"
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``kdmsi train-detector``."""
+    parser = subparsers.add_parser(
+        NAME,
+        parents=[common],
+        help="train the change detector (Siamese DeepLabV3+) on pseudo labels",
+        description=(
+            "Train a Siamese DeepLabV3+ change detector on pseudo labels (1 change, 0 none, "
+            "255 ignored) of one scene (BEFORE AFTER --pseudo) or of the scenes of a manifest "
+            "(--scenes; pseudo labels from a 'pseudo' column or --pseudo-dir). Paper defaults: "
+            "batch 16, 50 epochs, lr 0.007 with poly decay, SGD momentum 0.9, new layers 10x."
+        ),
+    )
+    parser.add_argument("before", nargs="?", metavar="BEFORE", help="raster of the first date")
+    parser.add_argument("after", nargs="?", metavar="AFTER", help="raster of the second date")
+    parser.add_argument("--pseudo", metavar="PSEUDO.tif", help="pseudo-label raster (1/0/255)")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="DETECTOR.kdmsi", help="model file to write"
+    )
+    parser.add_argument(
+        "--scenes",
+        metavar="MANIFEST",
+        help="CSV name,before,after,labels[,pseudo] instead of BEFORE AFTER",
+    )
+    parser.add_argument(
+        "--pseudo-dir",
+        metavar="DIR",
+        help="with --scenes: pseudo labels DIR/<name>.tif or DIR/<name>/pseudo_labels.tif",
+    )
+    parser.add_argument("--bands", help="bands to use, e.g. 1,2,3 (default: the first three)")
+    parser.add_argument(
+        "--backbone",
+        default="resnet50",
+        help="resnet18, resnet34, resnet50 or efficientnet-lite0 (default resnet50)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="starting weights of the encoder: imagenet, none or a state-dict file",
+    )
+    parser.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
+    parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default 16)")
+    parser.add_argument("--lr", type=float, default=0.007, help="base learning rate (0.007)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
+    parser.add_argument("--tile-size", type=int, default=256, help="training tile size (256)")
+    parser.add_argument(
+        "--min-labelled",
+        type=float,
+        default=0.25,
+        help="fraction of labelled pixels a tile needs to train (default 0.25)",
+    )
+    parser.add_argument("--max-tiles", type=int, help="train on at most this many tiles")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint OUT.ckpt"
+    )
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from kdmsi_engine.training.detector import train_detector
+
+    return train_detector(
+        args.before,
+        args.after,
+        args.pseudo,
+        args.output,
+        scenes=args.scenes,
+        pseudo_dir=args.pseudo_dir,
+        bands=args.bands,
+        backbone=args.backbone,
+        weights=args.weights,
+        tile_size=args.tile_size,
+        min_labelled=args.min_labelled,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_tiles=args.max_tiles,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=progress,
+    )

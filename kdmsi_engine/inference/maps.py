@@ -1,0 +1,201 @@
+"""Change maps from KD-MSI networks for a batch of tile pairs: CAM, student, MI and MSI.
+
+Every function takes bands scaled to [0,1], ``before`` and ``after`` (B,C,H,W) on the networks'
+device, and returns a float32 map (B,H,W) in [0,1] at the input size. The networks should be in
+eval mode (:func:`kdmsi_engine.models.kdmsi.load_kdmsi_model` returns them so).
+
+- ``cam``: the teacher's class activation map: G upsampled bilinearly to the input size, then
+  ReLU(G)/max(ReLU(G)) per tile; multiplied by the tile labels when they are given.
+- ``student``: sigmoid(G) of the student at one scale, upsampled bilinearly.
+- ``mi`` (multiscale inference, the baseline): G of every scale and of the horizontally flipped
+  pair (flip undone), resized to the input size and summed; then the CAM normalisation.
+- ``msi`` (multiscale sigmoid inference): for every scale, sigmoid(G) of the pair and of the
+  flipped pair (flip undone), resized to the input size; the mean of the 2|S| maps.
+
+Each scale costs one forward pass: the flipped pair rides in the same batch. Forward passes run
+under :func:`kdmsi_engine.device.autocast` (bf16 on capable CPUs, fp16/bf16 on CUDA) with
+channels-last inputs unless ``amp=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdmsi_engine.device import autocast
+from kdmsi_engine.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("msi", "mi", "student", "cam")
+DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+CAM_EPS = 1e-5
+
+
+def normalize_cam(g: Tensor, eps: float = CAM_EPS) -> Tensor:
+    """ReLU(g) / max(ReLU(g)) per tile: (B,1,h,w) or (B,h,w) -> same shape in [0,1]."""
+    relu = F.relu(g.float())
+    peak = relu.flatten(1).amax(dim=1).clamp_min(eps)
+    return relu / peak.view(-1, *([1] * (relu.dim() - 1)))
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
+
+
+def _forward(net: nn.Module, before: Tensor, after: Tensor, amp: bool) -> Tensor:
+    if amp:
+        before = before.contiguous(memory_format=torch.channels_last)
+        after = after.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(before.device, enabled=amp):
+        return net(before, after).float()
+
+
+def _check(before: Tensor, after: Tensor) -> None:
+    if before.dim() != 4 or before.shape != after.shape:
+        raise InputError(
+            f"before and after must be (B,C,H,W) tensors of one shape, got {tuple(before.shape)} "
+            f"and {tuple(after.shape)}"
+        )
+
+
+def _labels_factor(labels: Tensor | Sequence[float], batch: int, like: Tensor) -> Tensor:
+    factor = torch.as_tensor(labels, dtype=torch.float32, device=like.device).reshape(-1)
+    if factor.numel() != batch:
+        raise InputError(f"{factor.numel()} tile labels for a batch of {batch} tiles")
+    return factor.clamp(0, 1).view(batch, 1, 1)
+
+
+def cam_map(
+    teacher: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    labels: Tensor | Sequence[float] | None = None,
+    *,
+    amp: bool = True,
+) -> Tensor:
+    """The teacher's CAM at the input size (G upsampled, then normalised), times the labels."""
+    _check(before, after)
+    size = (before.shape[-2], before.shape[-1])
+    cam = normalize_cam(_resize(_forward(teacher, before, after, amp), size))[:, 0]
+    if labels is not None:
+        cam = cam * _labels_factor(labels, before.shape[0], cam)
+    return cam
+
+
+def student_map(student: nn.Module, before: Tensor, after: Tensor, *, amp: bool = True) -> Tensor:
+    """sigmoid(G) of the student at scale 1, upsampled to the input size."""
+    _check(before, after)
+    size = (before.shape[-2], before.shape[-1])
+    return _resize(torch.sigmoid(_forward(student, before, after, amp)), size)[:, 0]
+
+
+def _multiscale(
+    net: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    scales: Sequence[float],
+    amp: bool,
+    sigmoid: bool,
+) -> Tensor:
+    """Sum over scales and flips of (sigmoid of) G, flip undone, at the input size: (B,1,H,W)."""
+    _check(before, after)
+    scales = check_scales(scales)
+    batch = before.shape[0]
+    size = (before.shape[-2], before.shape[-1])
+    total = torch.zeros(batch, 1, *size, dtype=torch.float32, device=before.device)
+    for scale in scales:
+        target = _scaled_size(size, scale)
+        b = _resize(before, target)
+        a = _resize(after, target)
+        g = _forward(net, torch.cat([b, b.flip(-1)]), torch.cat([a, a.flip(-1)]), amp)
+        if sigmoid:
+            g = torch.sigmoid(g)
+        g = torch.cat([g[:batch], g[batch:].flip(-1)])
+        g = _resize(g, size)
+        total += g[:batch] + g[batch:]
+    return total
+
+
+def mi_map(
+    student: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    *,
+    amp: bool = True,
+) -> Tensor:
+    """Multiscale inference: sum of G over scales and flips, then CAM normalisation."""
+    total = _multiscale(student, before, after, scales, amp, sigmoid=False)
+    return normalize_cam(total)[:, 0]
+
+
+def msi_map(
+    student: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    *,
+    amp: bool = True,
+) -> Tensor:
+    """Multiscale sigmoid inference: mean of sigmoid(G) over scales and flips."""
+    total = _multiscale(student, before, after, scales, amp, sigmoid=True)
+    return (total / (2 * len(tuple(scales))))[:, 0].clamp(0, 1)
+
+
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """Validate inference scales (positive numbers, at least one)."""
+    try:
+        values = tuple(float(s) for s in scales)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"scales must be numbers, e.g. 0.5,1,1.5,2; got {scales!r}") from exc
+    if not values or any(not (v > 0) or v > 8 for v in values):
+        raise InputError(
+            f"scales must be positive numbers up to 8, e.g. 0.5,1,1.5,2; got {scales!r}"
+        )
+    return values
+
+
+def change_map(
+    method: str,
+    teacher: nn.Module | None,
+    student: nn.Module | None,
+    before: Tensor,
+    after: Tensor,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    *,
+    labels: Tensor | Sequence[float] | None = None,
+    amp: bool = True,
+) -> Tensor:
+    """Dispatch on ``method`` (``msi``, ``mi``, ``student``, ``cam``): (B,H,W) in [0,1].
+
+    ``labels`` (tile labels) only affect ``cam``.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "cam":
+        if teacher is None:
+            raise InputError("method 'cam' needs the teacher network")
+        return cam_map(teacher, before, after, labels, amp=amp)
+    if student is None:
+        raise InputError(f"method {method!r} needs the student network")
+    if method == "student":
+        return student_map(student, before, after, amp=amp)
+    if method == "mi":
+        return mi_map(student, before, after, scales, amp=amp)
+    return msi_map(student, before, after, scales, amp=amp)
+
+
+def prepare_for_inference(net: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Move ``net`` to ``device``, eval mode, channels-last weights (faster on CPU and GPU)."""
+    return net.to(device).eval().to(memory_format=torch.channels_last)

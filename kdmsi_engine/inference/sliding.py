@@ -1,0 +1,317 @@
+"""Whole-scene inference with overlapping, blended windows, streamed to a GeoTIFF.
+
+:func:`predict_scene` runs a batch predictor over every window of a scene pair and writes one
+float32 change-probability GeoTIFF on the scene's grid. :func:`predict_scene_multi` does the
+same for predictors that return several maps per window (class probabilities of a detector).
+
+How the scene is covered:
+    * Windows of ``tile_size`` pixels start every ``tile_size - overlap`` pixels; the last
+      window of each row/column is shifted inside the scene so it ends on the border. A scene
+      smaller than one tile gets one window that reads past the border (boundless read: padding
+      is invalid, zero-valued input).
+    * Each window's prediction is weighted by a separable taper ``w(i) = floor + (1 - floor) *
+      sin^2(pi (i + 0.5) / tile_size)`` (:func:`blend_weights`), a Hann window lifted above
+      zero (``floor`` = 0.01), so borders of windows count little where another window covers
+      the pixel, yet every pixel has a positive weight even at the scene border. The output is
+      ``sum(w p) / sum(w)`` over windows covering the pixel: where overlapping windows agree it
+      equals their prediction exactly.
+    * Weights are multiplied by the scene's valid mask: pixels invalid in the input (nodata in
+      either date, outside the intersection) are written as :data:`PROB_NODATA` (-1).
+
+Streaming and memory bound:
+    Windows are processed one strip (one row of windows) at a time. Two accumulators of
+    ``tile_size`` rows x scene width (weighted sum and weight, float32) hold the strip being
+    blended; rows that no later window touches are moved to an output buffer of
+    :data:`~kdmsi_engine.rasterio_out.BLOCK_SIZE` (512) rows x width, written to the GeoTIFF
+    each time it holds a full row of 512 x 512 tiles. Peak memory is therefore
+    ``batch_size`` windows of input and output plus about
+    ``(2 * tile_size + 512) * width * 4 * bands`` bytes of buffers (``width = 8192``,
+    ``tile_size = 256``, one band: 32 MB) and a GDAL block cache bounded to 64 MB; it does not
+    depend on the scene's height, and only these row buffers grow with its width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from kdmsi_engine.atomic import atomic_output, check_output
+from kdmsi_engine.errors import InputError
+from kdmsi_engine.progress import Progress
+from kdmsi_engine.rasterio_out import (
+    BLOCK_SIZE,
+    PROB_NODATA,
+    add_overviews,
+    bounded_gdal_cache,
+    create_geotiff,
+)
+
+logger = logging.getLogger(__name__)
+
+#: lowest blending weight (relative to a window's centre); never zero, so every pixel counts.
+WEIGHT_FLOOR = 0.01
+
+PredictBatch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def window_starts(length: int, tile_size: int, overlap: int) -> list[int]:
+    """Start offsets of windows along one axis (last one shifted inside the scene).
+
+    Args:
+        length: scene size along the axis (pixels).
+        tile_size: window size.
+        overlap: overlap between neighbouring windows (``0 <= overlap < tile_size``).
+    """
+    if length <= tile_size:
+        return [0]
+    stride = tile_size - overlap
+    starts = list(range(0, length - tile_size + 1, stride))
+    if starts[-1] + tile_size < length:
+        starts.append(length - tile_size)
+    return starts
+
+
+def scene_windows(width: int, height: int, tile_size: int, overlap: int) -> list[list[Window]]:
+    """Windows of the whole grid, grouped by strip (one list per row of windows)."""
+    cols = window_starts(width, tile_size, overlap)
+    return [
+        [Window(c, r, tile_size, tile_size) for c in cols]
+        for r in window_starts(height, tile_size, overlap)
+    ]
+
+
+def blend_weights(tile_size: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
+    """Separable tapered weight window (tile_size, tile_size), max 1, min ``floor`` > 0."""
+    i = np.arange(tile_size, dtype=np.float64)
+    taper = floor + (1.0 - floor) * np.sin(math.pi * (i + 0.5) / tile_size) ** 2
+    return np.outer(taper, taper).astype(np.float32)
+
+
+def check_window_params(tile_size: int, overlap: int, batch_size: int) -> None:
+    if not isinstance(tile_size, int) or tile_size < 16:
+        raise InputError(f"tile size {tile_size!r} is too small; use at least 16 (e.g. 256)")
+    if not isinstance(overlap, int) or overlap < 0 or overlap >= tile_size:
+        raise InputError(
+            f"overlap {overlap!r} must be >= 0 and smaller than the tile size {tile_size}; "
+            "use e.g. a quarter of the tile size"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size {batch_size!r} must be a positive integer")
+
+
+class _StripBlender:
+    """Blends strips of windows and writes finished rows in 512-row blocks."""
+
+    def __init__(self, dst: Any, width: int, height: int, tile_size: int, bands: int) -> None:
+        self.dst = dst
+        self.width = width
+        self.height = height
+        self.tile = tile_size
+        self.bands = bands
+        # accumulator rows [base, base + tile) of the scene
+        self.base = 0
+        self.num = np.zeros((bands, tile_size, width), np.float32)
+        self.den = np.zeros((tile_size, width), np.float32)
+        # output buffer rows [out_start, out_start + out_len)
+        self.out = np.full((bands, BLOCK_SIZE, width), PROB_NODATA, np.float32)
+        self.out_start = 0
+        self.out_len = 0
+
+    def add(self, window: Window, pred: np.ndarray, weight: np.ndarray) -> None:
+        """Accumulate ``pred`` (bands, t, t) weighted by ``weight`` (t, t), clipped to the grid."""
+        r0 = int(window.row_off) - self.base
+        c0 = int(window.col_off)
+        h = min(self.tile, self.height - int(window.row_off))
+        w = min(self.tile, self.width - c0)
+        self.num[:, r0 : r0 + h, c0 : c0 + w] += pred[:, :h, :w] * weight[None, :h, :w]
+        self.den[r0 : r0 + h, c0 : c0 + w] += weight[:h, :w]
+
+    def finish_rows(self, upto: int) -> None:
+        """Rows ``[base, upto)`` are final: move them to the output buffer, shift the strip."""
+        n = upto - self.base
+        if n <= 0:
+            return
+        num, den = self.num[:, :n], self.den[:n]
+        done = np.full((self.bands, n, self.width), PROB_NODATA, np.float32)
+        covered = den > 0
+        np.divide(num, den[None], out=done, where=covered[None])
+        np.clip(done, 0.0, 1.0, out=done, where=covered[None])
+        self._buffer(done)
+        keep = self.tile - n
+        if keep > 0:
+            self.num[:, :keep] = self.num[:, n:]
+            self.den[:keep] = self.den[n:]
+        self.num[:, max(keep, 0) :] = 0.0
+        self.den[max(keep, 0) :] = 0.0
+        self.base = upto
+
+    def _buffer(self, rows: np.ndarray) -> None:
+        pos = 0
+        while pos < rows.shape[1]:
+            take = min(BLOCK_SIZE - self.out_len, rows.shape[1] - pos)
+            self.out[:, self.out_len : self.out_len + take] = rows[:, pos : pos + take]
+            self.out_len += take
+            pos += take
+            if self.out_len == BLOCK_SIZE:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.out_len == 0:
+            return
+        window = Window(0, self.out_start, self.width, self.out_len)
+        self.dst.write(self.out[:, : self.out_len], window=window)
+        self.out_start += self.out_len
+        self.out_len = 0
+
+
+def _batches(windows: Sequence[Window], size: int) -> Iterator[list[Window]]:
+    for i in range(0, len(windows), size):
+        yield list(windows[i : i + size])
+
+
+def predict_scene_multi(
+    scene: Any,
+    predict_batch: PredictBatch,
+    out_path: str | os.PathLike[str],
+    *,
+    bands: int,
+    tile_size: int = 256,
+    overlap: int = 64,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    band_descriptions: Sequence[str] | None = None,
+    stage: str = "infer",
+    tags: dict[str, Any] | None = None,
+) -> Path:
+    """Like :func:`predict_scene` for a predictor returning ``(B, bands, H, W)`` maps in [0, 1].
+
+    Writes a ``bands``-band float32 GeoTIFF (e.g. class probabilities of a detector); nodata is
+    :data:`PROB_NODATA` in every band where the input was invalid.
+    """
+    progress = progress or Progress()
+    check_window_params(tile_size, overlap, batch_size)
+    target = check_output(out_path, overwrite=overwrite)
+    device = torch.device(device)
+    grid = scene.grid
+    strips = scene_windows(grid.width, grid.height, tile_size, overlap)
+    total = sum(len(s) for s in strips)
+    weight = blend_weights(tile_size)
+    progress.stage(
+        stage,
+        total=total,
+        message=f"{total} windows of {tile_size} px, overlap {overlap}, on {device}",
+    )
+    with (
+        bounded_gdal_cache(),
+        atomic_output(target, overwrite=overwrite) as tmp,
+        create_geotiff(tmp, grid, count=bands, dtype="float32", nodata=PROB_NODATA) as dst,
+    ):
+        dst.update_tags(KDMSI_TILE_SIZE=str(tile_size), KDMSI_OVERLAP=str(overlap), **(tags or {}))
+        if band_descriptions:
+            for i, text in enumerate(band_descriptions[:bands], start=1):
+                dst.set_band_description(i, text)
+        blender = _StripBlender(dst, grid.width, grid.height, tile_size, bands)
+        for k, strip in enumerate(strips):
+            for batch in _batches(strip, batch_size):
+                progress.check_cancelled()
+                _run_batch(scene, batch, predict_batch, device, blender, weight, bands)
+                progress.advance(len(batch))
+            upto = strips[k + 1][0].row_off if k + 1 < len(strips) else grid.height
+            blender.finish_rows(min(int(upto), grid.height))
+        blender.flush()
+        progress.check_cancelled()
+        add_overviews(dst, "average")
+    return target
+
+
+def _run_batch(
+    scene: Any,
+    batch: list[Window],
+    predict_batch: PredictBatch,
+    device: torch.device,
+    blender: _StripBlender,
+    weight: np.ndarray,
+    bands: int,
+) -> None:
+    reads = [scene.read(window) for window in batch]
+    valid = [r.valid for r in reads]
+    if not any(v.any() for v in valid):
+        return
+    before = torch.from_numpy(np.stack([r.before for r in reads])).to(device, torch.float32)
+    after = torch.from_numpy(np.stack([r.after for r in reads])).to(device, torch.float32)
+    with torch.no_grad():
+        out = predict_batch(before, after)
+    out = out.detach().float().cpu()
+    if out.ndim == 3:
+        out = out[:, None]
+    expected = (len(batch), bands, before.shape[-2], before.shape[-1])
+    if tuple(out.shape) != expected:
+        raise RuntimeError(f"predictor returned shape {tuple(out.shape)}, expected {expected}")
+    pred = np.nan_to_num(out.numpy(), nan=0.0)
+    for i, window in enumerate(batch):
+        if valid[i].any():
+            blender.add(window, pred[i], weight * valid[i])
+
+
+def predict_scene(
+    scene: Any,
+    predict_batch: PredictBatch,
+    out_path: str | os.PathLike[str],
+    *,
+    tile_size: int = 256,
+    overlap: int = 64,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    tags: dict[str, Any] | None = None,
+) -> Path:
+    """Predict a change probability over a whole scene and write it as a GeoTIFF.
+
+    Args:
+        scene: an open :class:`~kdmsi_engine.data.scene.ScenePair` (``grid`` and
+            ``read(window)`` are used).
+        predict_batch: ``(before (B,C,H,W), after) -> (B,H,W)`` change probability in [0, 1];
+            called under ``torch.no_grad()`` with tensors on ``device``.
+        out_path: output GeoTIFF (float32, tiled 512, DEFLATE, overviews, nodata -1).
+        tile_size: window size in pixels.
+        overlap: overlap of neighbouring windows in pixels.
+        batch_size: windows per call of ``predict_batch``.
+        device: where input tensors are put.
+        overwrite: replace an existing output.
+        progress: progress and cancellation.
+        tags: extra GeoTIFF metadata tags (``KDMSI_TILE_SIZE`` and ``KDMSI_OVERLAP`` are
+            always written).
+
+    Returns:
+        the output path.
+
+    Raises:
+        InputError: bad tile size, overlap or batch size.
+        OutputError: the output exists (without ``overwrite``) or cannot be written.
+        CancelledError: cancelled; nothing is written.
+    """
+    return predict_scene_multi(
+        scene,
+        predict_batch,
+        out_path,
+        bands=1,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        band_descriptions=("change probability",),
+        tags=tags,
+    )

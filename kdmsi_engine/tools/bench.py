@@ -1,0 +1,501 @@
+"""``make bench``: training and inference throughput, FLOPs, MSI cost, and memory vs scene size.
+
+Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
+``bench-output/bench.json``. Sections:
+
+1. **Training** (KD-MSI): tile pairs/s of one training step (teacher + student forward,
+   ``L_cls + 10 L_kd``, backward, SGD step; :func:`kdmsi_engine.training.kd.kd_losses`) on real
+   256 px Landsat tiles, batch 8, for resnet18 and efficientnet-lite0, fp32 vs bf16 autocast;
+   FLOPs per tile pair counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward and
+   backward of both networks, both dates).
+2. **Inference**: tiles/s and megapixels/s of the student map (one scale) and of MSI (scales
+   0.5, 1, 1.5, 2 with horizontal flips) at 256 px, bf16 autocast (the engine's default), with
+   FLOPs per tile. MSI's floor relative to one-scale inference: it runs the network on
+   ``2 * sum(s^2) = 2 * 7.5 = 15`` tile-equivalents of pixels (each of the 4 scales on the pair
+   and on its flip) against 1 for the one-scale student map, so 15x FLOPs (7.5x relative to a
+   one-scale inference *with* a flip). Convolutions are linear in pixels, so the FLOP ratio sits
+   at the floor; the table shows how close the measured time ratio comes.
+3. **Memory** (issue 6): peak RSS of ``kdmsi infer`` (and of ``detect``/``vectorize`` when
+   present) on a 2048 x 2048 and an 8192 x 8192 scene, VRTs repeating the real Landsat Taizhou
+   pair (A as before, B as after), each in its own subprocess, measured with ``os.wait4``.
+   Same settings for both sizes: a random-weight efficientnet-lite0 model, 256 px windows,
+   overlap 32, batch 4, ``--method msi --scales 0.25`` (the network sees each window and its
+   flip at 64 px: 1/8 of the one-scale compute, so the 67-megapixel scene takes minutes, not
+   a quarter of an hour, on 2 cores; reading, blending and writing, the parts that could grow
+   with the scene, are the same for every method).
+
+Usage: ``python -m kdmsi_engine.tools.bench [--quick] [--skip-memory] [--out bench-output]``.
+``--pseudo-study MODEL`` instead compares pseudo-label thresholds (0.3 vs auto) on OSCD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess  # nosec B404
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+LANDSAT = DATA / "landsat-taizhou-nanjing"
+SCALES = (0.5, 1.0, 1.5, 2.0)
+TILE = 256
+
+
+# --------------------------------------------------------------------------- helpers
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def real_tiles(n: int, tile: int = TILE, bands: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
+    """``n`` real tile pairs (Landsat Nanjing and Taizhou), scaled to [0, 1]."""
+    from rasterio.windows import Window
+
+    from kdmsi_engine.data.scene import ScenePair
+
+    befores, afters, valids = [], [], []
+    for site in ("nanjing", "taizhou"):
+        with ScenePair.open(
+            LANDSAT / "A" / f"{site}.tif", LANDSAT / "B" / f"{site}.tif", bands=bands
+        ) as scene:
+            g = scene.grid
+            for r in range(0, g.height - tile + 1, tile):
+                for c in range(0, g.width - tile + 1, tile):
+                    w = scene.read(Window(c, r, tile, tile))
+                    befores.append(w.before)
+                    afters.append(w.after)
+                    valids.append(w.valid)
+                    if len(befores) == n:
+                        break
+                if len(befores) == n:
+                    break
+        if len(befores) == n:
+            break
+    while len(befores) < n:  # repeat if the scenes hold fewer tiles
+        befores.append(befores[len(befores) % 9])
+        afters.append(afters[len(afters) % 9])
+        valids.append(valids[len(valids) % 9])
+    return {
+        "before": torch.from_numpy(np.stack(befores)),
+        "after": torch.from_numpy(np.stack(afters)),
+        "valid": torch.from_numpy(np.stack(valids)),
+        "labels": torch.tensor([1.0, 0.0] * (n // 2) + [1.0] * (n % 2)),
+    }
+
+
+def _networks(backbone: str, in_channels: int = 3) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from kdmsi_engine.models.kdmsi import architecture, build_kdmsi_models
+
+    torch.manual_seed(0)
+    return build_kdmsi_models(architecture(backbone, in_channels), weights="none")
+
+
+def _flops(fn: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _timed(fn: Any, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+# --------------------------------------------------------------------------- 1. training
+def _train_step(nets: tuple[Any, Any, Any], b: dict[str, Any], precision: str) -> None:
+    """One KD-MSI training step as ``kdmsi train`` runs it (kd_losses, backward, SGD)."""
+    from kdmsi_engine.training.kd import kd_losses
+
+    teacher, student, opt = nets
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        losses = kd_losses(teacher, student, b["before"], b["after"], b["labels"], b["valid"])
+    losses.total.backward()
+    opt.step()
+
+
+def bench_training(quick: bool) -> list[dict[str, Any]]:
+    batch = real_tiles(8)
+    rows = []
+    backbones = ("resnet18", "efficientnet-lite0") if not quick else ("efficientnet-lite0",)
+    for backbone in backbones:
+        teacher, student = _networks(backbone)
+        teacher.train()
+        student.train()
+        params = list(teacher.parameters()) + list(student.parameters())
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+        one = {k: v[:1] for k, v in batch.items()}
+        nets = (teacher, student, opt)
+        # the FLOP count (batch 1) doubles as the warm-up of fp32; bf16 gets its own warm-up
+        flops = _flops(functools.partial(_train_step, nets, one, "fp32"))
+        for precision in ("fp32", "bf16"):
+            if precision != "fp32":
+                _train_step(nets, one, precision)
+            run = functools.partial(_train_step, nets, batch, precision)
+            seconds = _timed(run, repeats=1, warmup=0)
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "precision": precision,
+                    "batch": 8,
+                    "tile": TILE,
+                    "seconds_per_step": round(seconds, 3),
+                    "tile_pairs_per_s": round(8 / seconds, 3),
+                    "gflops_per_tile_pair": round(flops / 1e9, 2),
+                    "achieved_gflops_s": round(8 * flops / seconds / 1e9, 1),
+                }
+            )
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. inference
+def bench_inference(quick: bool) -> list[dict[str, Any]]:
+    from kdmsi_engine.inference.maps import msi_map, prepare_for_inference, student_map
+
+    batch = real_tiles(4)
+    b, a = batch["before"], batch["after"]
+    rows = []
+    backbones = ("resnet18", "efficientnet-lite0") if not quick else ("efficientnet-lite0",)
+    for backbone in backbones:
+        _, student = _networks(backbone)
+        student = prepare_for_inference(student)
+        one = functools.partial(student_map, student, b[:1], a[:1], amp=False)
+        msi = functools.partial(msi_map, student, b[:1], a[:1], SCALES, amp=False)
+        f_one, f_msi = _flops(one), _flops(msi)  # also the warm-up (fp32 path)
+        if _bf16():  # warm the autocast path the engine uses
+            student_map(student, b[:1], a[:1])
+        t_one = _timed(functools.partial(student_map, student, b, a), 1, warmup=0) / len(b)
+        t_msi = _timed(functools.partial(msi_map, student, b[:2], a[:2], SCALES), 1, 0) / 2
+        mpx = TILE * TILE / 1e6
+        for method, t, f in (("student", t_one, f_one), ("msi", t_msi, f_msi)):
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "method": method,
+                    "precision": "bf16" if _bf16() else "fp32",
+                    "tile": TILE,
+                    "seconds_per_tile": round(t, 4),
+                    "tiles_per_s": round(1 / t, 3),
+                    "megapixels_per_s": round(mpx / t, 3),
+                    "gflops_per_tile": round(f / 1e9, 2),
+                }
+            )
+            print(_row(rows[-1]), flush=True)
+        rows.append(
+            {
+                "backbone": backbone,
+                "method": "msi/student",
+                "flops_ratio": round(f_msi / f_one, 2),
+                "time_ratio": round(t_msi / t_one, 2),
+                "pixel_floor": 2 * sum(s * s for s in SCALES),
+            }
+        )
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _bf16() -> bool:
+    from kdmsi_engine.device import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
+# --------------------------------------------------------------------------- 3. memory
+def mosaic_vrt(source: Path, size: int, out: Path) -> Path:
+    """A ``size`` x ``size`` VRT tiling ``source`` (all bands) edge to edge, georeferenced."""
+    import rasterio
+
+    with rasterio.open(source) as src:
+        w, h, count = src.width, src.height, src.count
+        t = src.transform
+        dtype = {"uint8": "Byte", "uint16": "UInt16"}[src.dtypes[0]]
+        crs_wkt = src.crs.to_wkt()
+    lines = [
+        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
+        f"  <SRS>{_xml(crs_wkt)}</SRS>",
+        f"  <GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>",
+    ]
+    for band in range(1, count + 1):
+        lines.append(f'  <VRTRasterBand dataType="{dtype}" band="{band}">')
+        for row in range(0, size, h):
+            for col in range(0, size, w):
+                cw, ch = min(w, size - col), min(h, size - row)
+                lines += [
+                    "    <SimpleSource>",
+                    f'      <SourceFilename relativeToVRT="0">{_xml(str(source))}</SourceFilename>',
+                    f"      <SourceBand>{band}</SourceBand>",
+                    f'      <SrcRect xOff="0" yOff="0" xSize="{cw}" ySize="{ch}"/>',
+                    f'      <DstRect xOff="{col}" yOff="{row}" xSize="{cw}" ySize="{ch}"/>',
+                    "    </SimpleSource>",
+                ]
+        lines.append("  </VRTRasterBand>")
+    lines.append("</VRTDataset>")
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def _xml(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+
+
+def run_measured(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``args`` in a subprocess; return exit code, seconds and its own peak RSS (MB)."""
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)  # nosec B603
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace").strip()
+    return {
+        "returncode": proc.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),  # Linux: kilobytes
+        "stderr_tail": stderr.splitlines()[-1] if stderr else "",
+        "stdout": stdout,
+    }
+
+
+def bench_memory(out_dir: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    from kdmsi_engine.data.scaling import BandScaling
+    from kdmsi_engine.modelfile import save_model
+    from kdmsi_engine.models.kdmsi import MODEL_KIND, architecture
+
+    work = out_dir / "memory"
+    work.mkdir(parents=True, exist_ok=True)
+    arch = architecture("efficientnet-lite0", 3)
+    teacher, student = _networks("efficientnet-lite0")
+    model = work / "random-effnet.kdmsi"
+    meta = {
+        "kind": MODEL_KIND,
+        "architecture": arch,
+        "bands": [1, 2, 3],
+        "num_bands": 3,
+        "scaling": BandScaling.uint8(3).to_dict(),
+        "tile_size": TILE,
+        "note": "random weights, for the memory benchmark only",
+    }
+    save_model(
+        model,
+        meta,
+        {"teacher": teacher.state_dict(), "student": student.state_dict()},
+        overwrite=True,
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    rows = []
+    for size in sizes:
+        before = mosaic_vrt(LANDSAT / "A" / "taizhou.tif", size, work / f"before-{size}.vrt")
+        after = mosaic_vrt(LANDSAT / "B" / "taizhou.tif", size, work / f"after-{size}.vrt")
+        prob = work / f"prob-{size}.tif"
+        args = [
+            sys.executable,
+            "-m",
+            "kdmsi_engine",
+            "infer",
+            str(before),
+            str(after),
+            "--model",
+            str(model),
+            "-o",
+            str(prob),
+            "--method",
+            "student",
+            "--tile-size",
+            str(TILE),
+            "--overlap",
+            "32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--progress",
+            "none",
+            "--overwrite",
+        ]
+        result = run_measured(args, env)
+        rows.append({"job": "infer", "size": size, **_strip(result)})
+        print(_row(rows[-1]), flush=True)
+        rows += _other_jobs(work, size, before, after, prob, env)
+    return rows
+
+
+def _strip(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "stdout"}
+
+
+def _other_jobs(
+    work: Path, size: int, before: Path, after: Path, prob: Path, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """``vectorize`` of a class raster made from ``prob`` when DETECT's command exists."""
+    rows: list[dict[str, Any]] = []
+    try:
+        import importlib
+
+        importlib.import_module("kdmsi_engine.vectorize")
+    except ImportError:
+        return rows
+    if not prob.exists():
+        return rows
+    from kdmsi_engine.rasterio_out import write_uint8_classes
+
+    classes = work / f"change-{size}.tif"
+    write_uint8_classes(prob, classes, 0.5, overwrite=True)
+    args = [
+        sys.executable,
+        "-m",
+        "kdmsi_engine",
+        "vectorize",
+        str(classes),
+        "-o",
+        str(work / f"changes-{size}.gpkg"),
+        "--progress",
+        "none",
+        "--overwrite",
+    ]
+    result = run_measured(args, env)
+    rows.append({"job": "vectorize", "size": size, **_strip(result)})
+    print(_row(rows[-1]), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+def _row(record: dict[str, Any]) -> str:
+    return "  " + "  ".join(f"{k}={v}" for k, v in record.items() if k != "stderr_tail" or v)
+
+
+def _table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str:
+    rows = [r for r in rows if all(k in r for k in keys)]
+    if not rows:
+        return ""
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    lines = [title, "  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kdmsi-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "bench-output"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, one backbone")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true")
+    parser.add_argument("--sizes", default="2048,8192", help="memory scene sizes")
+    parser.add_argument("--pseudo-study", metavar="MODEL", help="threshold study (see docs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.pseudo_study:
+        from kdmsi_engine.inference.threshold_study import run_study
+
+        return run_study(Path(args.pseudo_study), out_dir)
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "bf16_native": _bf16(),
+        "load_average_start": _load(),
+    }
+    print(f"KD-MSI bench: {record}", flush=True)
+    if not args.only_memory:
+        print("\n[training] KD-MSI step, 256 px, batch 8", flush=True)
+        record["training"] = bench_training(args.quick)
+        print(
+            "\n[inference] 256 px tiles, student (1 scale) vs MSI (0.5,1,1.5,2 + flips)", flush=True
+        )
+        record["inference"] = bench_inference(args.quick)
+    if not args.skip_memory:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        print(f"\n[memory] peak RSS of jobs on {sizes} px scenes", flush=True)
+        record["memory"] = bench_memory(out_dir, sizes)
+        infer = {r["size"]: r["peak_rss_mb"] for r in record["memory"] if r["job"] == "infer"}
+        if len(infer) >= 2:
+            lo, hi = infer[min(infer)], infer[max(infer)]
+            record["memory_growth_infer"] = round(hi / lo - 1.0, 3)
+    record["load_average_end"] = _load()
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    print()
+    for title, key, keys in (
+        (
+            "Training throughput (CPU)",
+            "training",
+            [
+                "backbone",
+                "precision",
+                "tile_pairs_per_s",
+                "seconds_per_step",
+                "gflops_per_tile_pair",
+                "achieved_gflops_s",
+            ],
+        ),
+        (
+            "Inference throughput (CPU)",
+            "inference",
+            [
+                "backbone",
+                "method",
+                "precision",
+                "tiles_per_s",
+                "megapixels_per_s",
+                "gflops_per_tile",
+            ],
+        ),
+        (
+            "MSI cost relative to one-scale inference",
+            "inference",
+            ["backbone", "flops_ratio", "time_ratio", "pixel_floor"],
+        ),
+        (
+            "Peak RSS by scene size",
+            "memory",
+            ["job", "size", "peak_rss_mb", "seconds", "returncode"],
+        ),
+    ):
+        text = _table(title, record.get(key, []), keys)
+        if text:
+            print(text + "\n")
+    if "memory_growth_infer" in record:
+        print(
+            f"infer peak RSS growth 2048 -> 8192: {record['memory_growth_infer']:+.1%} "
+            "(issue 6 asks < 30 %)"
+        )
+    (out_dir / "bench.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"written {out_dir / 'bench.json'} in {record['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

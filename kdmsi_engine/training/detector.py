@@ -1,0 +1,590 @@
+"""Stage 2: train the Siamese DeepLabV3+ change detector on pseudo labels.
+
+Inputs are one scene pair with its pseudo-label raster (``PSEUDO.tif`` on the scene grid: 1
+change, 0 no change, 255 ignored), or several scenes. With several scenes (``--scenes
+MANIFEST``) each scene's pseudo labels come from, in this order: a ``pseudo`` column of the
+manifest (path relative to the CSV's folder, like the others), else ``PSEUDO_DIR/<name>.tif``,
+else ``PSEUDO_DIR/<name>/pseudo_labels.tif`` (the layout ``kdmsi batch`` writes); scenes with
+none are skipped (detect-only scenes).
+
+Training data: the scene is cut into ``tile_size`` tiles (no overlap); a tile trains only when at
+least ``min_labelled`` of its pixels are labelled (pseudo 0/1 and valid in both dates). Labels are
+read onto the scene grid (nearest neighbour when the pseudo raster must be warped); invalid
+pixels count as 255. Loss: 2-class cross-entropy with ``ignore_index=255``.
+
+Optimisation (paper defaults): SGD, momentum 0.9, batch 16, 50 epochs, lr 0.007 with poly decay
+(power 0.9) per step, new layers (ASPP, decoder, classifier) at 10x the encoder's rate, weight
+decay 1e-4 on weights. Each sample gets one of the 8 square symmetries, the same for both dates
+and the labels (:func:`kdmsi_engine.training.common.augment_batch`). The run is reproducible from
+``seed``: order and augmentation of an epoch depend on (seed, epoch) only, so ``resume=True``
+continues from the checkpoint ``OUT.ckpt`` (written after every epoch, removed when the model is
+saved) exactly as an uninterrupted run would. Cancelling stops between batches and writes no
+model; the checkpoint of the last finished epoch stays for ``--resume``.
+
+Band scaling: each scene is scaled by its own statistics (as in stage 1). With one scene the
+model stores that scaling and detection applies it again; with several (``scaling`` empty in
+the metadata, ``scalings`` per training scene) detection computes the scaling of the scene it
+reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.enums import Resampling
+
+from kdmsi_engine.atomic import check_output
+from kdmsi_engine.data.raster import GridReader
+from kdmsi_engine.data.scene import ScenePair
+from kdmsi_engine.data.tiling import tile_windows
+from kdmsi_engine.device import autocast, describe_device, resolve_device
+from kdmsi_engine.errors import InputError, LabelError, ManifestError, ModelFileError, RasterError
+from kdmsi_engine.modelfile import save_model
+from kdmsi_engine.models.deeplab import (
+    DETECTOR_KIND,
+    architecture_dict,
+    build_detector,
+)
+from kdmsi_engine.progress import Progress
+from kdmsi_engine.training.common import (
+    augment_batch,
+    checkpoint_path,
+    epoch_generator,
+    epoch_order,
+    load_checkpoint,
+    param_groups,
+    save_checkpoint,
+    seed_everything,
+    set_poly_lr,
+    set_rng_state,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+#: Tiles held in memory as float16 up to this many bytes; larger sets are read per batch.
+CACHE_BYTES = 1024 * 1024 * 1024
+
+
+@dataclass
+class DetectorScene:
+    """One training scene: the two dates and its pseudo-label raster."""
+
+    name: str
+    before: Path
+    after: Path
+    pseudo: Path
+
+
+@dataclass
+class DetectorConfig:
+    """Stage-2 training parameters (paper defaults)."""
+
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    tile_size: int = 256
+    min_labelled: float = 0.25
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.007
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    new_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    seed: int = 0
+    max_tiles: int | None = None
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise InputError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise InputError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.tile_size < 32 or self.tile_size % 16:
+            raise InputError(
+                f"detector tile size must be a multiple of 16 and at least 32, got {self.tile_size}"
+            )
+        if not 0 < self.min_labelled <= 1:
+            raise InputError(f"min labelled fraction must be in (0, 1], got {self.min_labelled}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise InputError(f"max tiles must be at least 1, got {self.max_tiles}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train_detector(
+    before: str | os.PathLike[str] | None,
+    after: str | os.PathLike[str] | None,
+    pseudo: str | os.PathLike[str] | None,
+    out_path: str | os.PathLike[str],
+    *,
+    scenes: str | os.PathLike[str] | None = None,
+    pseudo_dir: str | os.PathLike[str] | None = None,
+    bands: object = None,
+    backbone: str = "resnet50",
+    weights: str = "imagenet",
+    tile_size: int = 256,
+    min_labelled: float = 0.25,
+    epochs: int = 50,
+    batch_size: int = 16,
+    lr: float = 0.007,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    max_tiles: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a detector on one scene (``before``, ``after``, ``pseudo``) or a manifest.
+
+    Args:
+        before, after: the two dates (one-scene mode).
+        pseudo: pseudo-label raster on the scene grid (1/0/255).
+        out_path: model file to write (kind ``detector``).
+        scenes: manifest CSV (``name,before,after,labels`` and optionally ``pseudo``) instead
+            of one scene.
+        pseudo_dir: folder with ``<name>.tif`` or ``<name>/pseudo_labels.tif`` per scene.
+        bands: 1-based bands (default: the first three).
+        backbone, weights: encoder and its starting weights (``imagenet``, ``none``, a file).
+        tile_size, min_labelled: training tiles and the labelled fraction they need.
+        epochs, batch_size, lr, momentum, weight_decay, seed: optimisation.
+        max_tiles: use at most this many tiles (a random subset, for quick runs).
+        device: ``auto``, ``cpu``, ``cuda:N``.
+        resume: continue from ``OUT.ckpt`` when it exists.
+        overwrite: replace an existing model file.
+        progress: progress and cancellation.
+
+    Returns:
+        ``{"model": path, "tiles": n, "epochs": e, "final_loss": x, "device": ..., "seconds": s}``.
+    """
+    if scenes is not None:
+        if before or after or pseudo:
+            raise InputError("give either BEFORE AFTER --pseudo or --scenes, not both")
+        specs = scenes_from_manifest(scenes, pseudo_dir)
+    else:
+        if not (before and after and pseudo):
+            raise InputError("give BEFORE AFTER --pseudo PSEUDO.tif, or --scenes MANIFEST")
+        specs = [DetectorScene(Path(before).stem, Path(before), Path(after), Path(pseudo))]
+    config = DetectorConfig(
+        backbone=backbone,
+        weights=str(weights),
+        tile_size=int(tile_size),
+        min_labelled=float(min_labelled),
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        momentum=float(momentum),
+        weight_decay=float(weight_decay),
+        seed=int(seed),
+        max_tiles=max_tiles,
+    )
+    return train_detector_scenes(
+        specs,
+        out_path,
+        config=config,
+        bands=bands,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def scenes_from_manifest(
+    manifest: str | os.PathLike[str], pseudo_dir: str | os.PathLike[str] | None = None
+) -> list[DetectorScene]:
+    """Training scenes of a manifest: those with a pseudo-label raster (see module doc)."""
+    from kdmsi_engine.data.manifest import read_manifest
+
+    path = Path(manifest)
+    specs = read_manifest(path)
+    column = _pseudo_column(path)
+    folder = Path(pseudo_dir) if pseudo_dir is not None else None
+    out: list[DetectorScene] = []
+    for spec in specs:
+        candidates: list[Path] = []
+        if column.get(spec.name):
+            given = Path(column[spec.name])
+            candidates.append(given if given.is_absolute() else path.parent / given)
+        if folder is not None:
+            candidates += [folder / f"{spec.name}.tif", folder / spec.name / "pseudo_labels.tif"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            if column.get(spec.name):
+                raise ManifestError(
+                    f"pseudo labels {candidates[0]} of scene {spec.name!r} do not exist; fix "
+                    "the manifest's pseudo column"
+                )
+            logger.info("scene %s has no pseudo labels: not used for training", spec.name)
+            continue
+        out.append(DetectorScene(spec.name, Path(spec.before), Path(spec.after), found))
+    if not out:
+        raise ManifestError(
+            f"no scene of {path} has pseudo labels; add a 'pseudo' column or give --pseudo-dir"
+        )
+    return out
+
+
+def _pseudo_column(manifest: Path) -> dict[str, str]:
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "pseudo" not in reader.fieldnames:
+                return {}
+            return {
+                (row.get("name") or "").strip(): (row.get("pseudo") or "").strip() for row in reader
+            }
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {manifest}: {exc.strerror}") from exc
+
+
+def _open_scenes(specs: Sequence[DetectorScene], bands: object) -> list[ScenePair]:
+    """Open every scene, each with its own band scaling."""
+    opened: list[ScenePair] = []
+    try:
+        for spec in specs:
+            scene = ScenePair.open(spec.before, spec.after, bands=bands, name=spec.name)
+            opened.append(scene)
+            if scene.num_bands != opened[0].num_bands:
+                raise InputError(
+                    f"scene {spec.name} gives {scene.num_bands} band(s), scene "
+                    f"{opened[0].name} {opened[0].num_bands}; choose the same bands with --bands"
+                )
+    except BaseException:
+        for scene in opened:
+            scene.close()
+        raise
+    return opened
+
+
+def _open_pseudo(path: Path, scene: ScenePair) -> tuple[Any, GridReader]:
+    if not path.is_file():
+        raise RasterError(f"pseudo-label raster {path} does not exist; run 'kdmsi pseudo' first")
+    try:
+        dataset = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"pseudo-label raster {path} cannot be read: {exc}") from exc
+    if dataset.count != 1 or dataset.dtypes[0] != "uint8":
+        dataset.close()
+        raise RasterError(
+            f"pseudo-label raster {path} must be one uint8 band (1/0/255), as 'kdmsi pseudo' writes"
+        )
+    georef = scene.grid.crs is not None and dataset.crs is not None
+    if not georef and (dataset.width, dataset.height) != (scene.grid.width, scene.grid.height):
+        dataset.close()
+        raise RasterError(
+            f"pseudo-label raster {path} ({dataset.width}x{dataset.height}) is not on the grid of "
+            f"scene {scene.name} ({scene.grid.width}x{scene.grid.height}); make it from this scene"
+        )
+    reader = GridReader(dataset, scene.grid, resampling=Resampling.nearest, use_geotransform=georef)
+    return dataset, reader
+
+
+def detector_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """2-class cross-entropy over the labelled pixels; pixels labelled 255 are ignored."""
+    return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
+
+
+def read_pseudo(reader: GridReader, window: Any) -> np.ndarray:
+    """Pseudo labels of a grid window as uint8 (1/0, 255 where ignored or nodata)."""
+    data, valid = reader.read(window, (1,))
+    labels = data[0].astype(np.uint8)
+    labels[~valid] = IGNORE
+    labels[(labels != 0) & (labels != 1)] = IGNORE
+    return labels
+
+
+@dataclass
+class _Tile:
+    scene: int
+    window: Any
+    labelled: float
+
+
+class _TileSet:
+    """Training tiles of several scenes, cached in memory when they fit."""
+
+    def __init__(
+        self,
+        scenes: list[ScenePair],
+        readers: list[GridReader],
+        tiles: list[_Tile],
+        cache: bool,
+    ) -> None:
+        self.scenes = scenes
+        self.readers = readers
+        self.tiles = tiles
+        self._cache: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        if cache:
+            self._cache = [self._read(i, half=True) for i in range(len(tiles))]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def _read(self, index: int, half: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tile = self.tiles[index]
+        win = self.scenes[tile.scene].read(tile.window)
+        labels = read_pseudo(self.readers[tile.scene], tile.window)
+        labels[~win.valid] = IGNORE
+        dtype = np.float16 if half else np.float32
+        return win.before.astype(dtype), win.after.astype(dtype), labels
+
+    def batch(self, indexes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [self._cache[i] if self._cache is not None else self._read(i) for i in indexes]
+        before = torch.from_numpy(np.stack([it[0] for it in items]).astype(np.float32))
+        after = torch.from_numpy(np.stack([it[1] for it in items]).astype(np.float32))
+        labels = torch.from_numpy(np.stack([it[2] for it in items]).astype(np.int64))
+        return before, after, labels
+
+
+def _select_tiles(
+    scenes: list[ScenePair],
+    readers: list[GridReader],
+    config: DetectorConfig,
+    progress: Progress,
+) -> list[_Tile]:
+    windows = [tile_windows(s.grid, config.tile_size, 0) for s in scenes]
+    progress.stage("tiles", total=sum(len(w) for w in windows), message="finding labelled tiles")
+    tiles: list[_Tile] = []
+    for index, (scene, reader, wins) in enumerate(zip(scenes, readers, windows)):
+        for window in wins:
+            progress.check_cancelled()
+            labels = read_pseudo(reader, window)
+            valid = scene.read_valid(window)
+            labelled = float(((labels != IGNORE) & valid).mean())
+            if labelled >= config.min_labelled:
+                tiles.append(_Tile(index, window, labelled))
+            progress.advance(1)
+    if not tiles:
+        raise LabelError(
+            f"no {config.tile_size} px tile has {config.min_labelled:.0%} labelled pixels in the "
+            "pseudo labels; label more tiles, lower --min-labelled or use a smaller --tile-size"
+        )
+    if config.max_tiles is not None and len(tiles) > config.max_tiles:
+        generator = torch.Generator().manual_seed(config.seed)
+        keep = sorted(torch.randperm(len(tiles), generator=generator)[: config.max_tiles].tolist())
+        tiles = [tiles[i] for i in keep]
+    return tiles
+
+
+def train_detector_scenes(
+    specs: Sequence[DetectorScene],
+    out_path: str | os.PathLike[str],
+    *,
+    config: DetectorConfig | None = None,
+    bands: object = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a detector on the given scenes and write it; see :func:`train_detector`."""
+    progress = progress or Progress()
+    config = config or DetectorConfig()
+    config.check()
+    if not specs:
+        raise InputError("no training scene given")
+    target = check_output(out_path, overwrite=overwrite)
+    ckpt = checkpoint_path(target)
+    torch_device = resolve_device(device)
+    for spec in specs:
+        if not Path(spec.pseudo).is_file():
+            raise RasterError(
+                f"pseudo-label raster {spec.pseudo} does not exist; run 'kdmsi pseudo' first"
+            )
+    started = time.monotonic()
+    scenes = _open_scenes(specs, bands)
+    datasets: list[Any] = []
+    readers: list[GridReader] = []
+    try:
+        for spec, scene in zip(specs, scenes):
+            dataset, reader = _open_pseudo(Path(spec.pseudo), scene)
+            datasets.append(dataset)
+            readers.append(reader)
+        # Build the network first: a bad backbone or weights fails before any tile is read.
+        seed_everything(config.seed)
+        model = build_detector(
+            config.backbone, in_channels=scenes[0].num_bands, weights=config.weights
+        )
+        tiles = _select_tiles(scenes, readers, config, progress)
+        bytes_needed = len(tiles) * config.tile_size**2 * (scenes[0].num_bands * 2 * 2 + 1)
+        data = _TileSet(scenes, readers, tiles, cache=bytes_needed <= CACHE_BYTES)
+        metadata = _metadata(specs, scenes, config, len(tiles), torch_device)
+        result = _fit(model, data, config, metadata, target, ckpt, torch_device, resume, progress)
+    finally:
+        for reader in readers:
+            reader.close()
+        for dataset in datasets:
+            dataset.close()
+        for scene in scenes:
+            scene.close()
+    metadata["training"].update(
+        final_loss=result["final_loss"], seconds=round(time.monotonic() - started, 1)
+    )
+    save_model(target, metadata, {"detector": result["model"].state_dict()}, overwrite=overwrite)
+    if ckpt.exists():
+        ckpt.unlink()
+    progress.log(f"detector written to {target}")
+    return {
+        "model": str(target),
+        "tiles": len(tiles),
+        "epochs": config.epochs,
+        "final_loss": result["final_loss"],
+        "device": describe_device(torch_device),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _metadata(
+    specs: Sequence[DetectorScene],
+    scenes: list[ScenePair],
+    config: DetectorConfig,
+    num_tiles: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    return {
+        "kind": DETECTOR_KIND,
+        "architecture": architecture_dict(config.backbone, scenes[0].num_bands),
+        "bands": list(scenes[0].bands),
+        # One scene: its scaling, applied again at detection. Several: each scene was scaled
+        # by its own statistics, and detection computes the scaling of the scene it reads.
+        "scaling": scenes[0].scaling.to_dict() if len(scenes) == 1 else None,
+        "scalings": {scene.name: scene.scaling.to_dict() for scene in scenes},
+        "tile_size": config.tile_size,
+        "backbone_weights": config.weights,
+        "training": {
+            "scenes": [
+                {
+                    "name": spec.name,
+                    "before": str(Path(spec.before).absolute()),
+                    "after": str(Path(spec.after).absolute()),
+                    "pseudo": str(Path(spec.pseudo).absolute()),
+                    "grid": scene.grid.to_dict(),
+                }
+                for spec, scene in zip(specs, scenes)
+            ],
+            "tiles": num_tiles,
+            "loss": "cross-entropy, ignore_index 255",
+            "optimizer": "SGD",
+            "lr_schedule": f"poly {config.poly_power}",
+            "augmentation": "dihedral (8 symmetries), same for both dates and labels",
+            "device": describe_device(device),
+            **config.to_dict(),
+        },
+    }
+
+
+def _resume_key(metadata: dict[str, Any]) -> dict[str, Any]:
+    training = {k: v for k, v in metadata["training"].items() if k not in ("device",)}
+    return {"architecture": metadata["architecture"], "bands": metadata["bands"], **training}
+
+
+def _fit(
+    model: torch.nn.Module,
+    data: _TileSet,
+    config: DetectorConfig,
+    metadata: dict[str, Any],
+    target: Path,
+    ckpt: Path,
+    device: torch.device,
+    resume: bool,
+    progress: Progress,
+) -> dict[str, Any]:
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    groups = param_groups(
+        model.backbone_parameters(),
+        model.head_parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        new_lr_mult=config.new_lr_mult,
+    )
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    start_epoch, step = 0, 0
+    key = _resume_key(metadata)
+    if resume and ckpt.exists():
+        checkpoint = load_checkpoint(ckpt)
+        if checkpoint.extra.get("resume_key") != key:
+            raise ModelFileError(
+                f"checkpoint {ckpt} was made with other data or parameters; delete it or run "
+                "without --resume"
+            )
+        model.load_state_dict(checkpoint.tensors["detector"])
+        optimizer.load_state_dict(checkpoint.extra["optimizer"])
+        start_epoch, step = int(checkpoint.extra["epoch"]), int(checkpoint.extra["step"])
+        set_rng_state(checkpoint.extra.get("rng", {}))
+        progress.log(f"resuming detector training after epoch {start_epoch}")
+    elif ckpt.exists() and not resume:
+        logger.info("ignoring old checkpoint %s (no --resume)", ckpt)
+    progress.stage(
+        "train-detector",
+        total=total_steps,
+        message=f"{n} tiles, {config.epochs} epochs, batch {config.batch_size}",
+    )
+    if step:
+        progress.advance(step)
+    final_loss = float("nan")
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        order = epoch_order(n, config.seed, epoch)
+        generator = epoch_generator(config.seed, epoch, 1)
+        losses: list[float] = []
+        for start in range(0, n, config.batch_size):
+            progress.check_cancelled()
+            before, after, labels = data.batch(order[start : start + config.batch_size])
+            before, after, labels = augment_batch(before, after, labels, generator=generator)
+            if not bool((labels != IGNORE).any()):
+                step += 1
+                progress.advance(1)
+                continue
+            before = before.to(device).contiguous(memory_format=torch.channels_last)
+            after = after.to(device).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device)
+            lr_now = set_poly_lr(optimizer, config.lr, step, total_steps, config.poly_power)
+            with autocast(device):
+                logits = model(before, after)
+            loss = detector_loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            progress.advance(1, loss=losses[-1], lr=lr_now, epoch=epoch + 1)
+        if losses:
+            final_loss = float(np.mean(losses))
+        logger.info("detector epoch %d/%d: loss %.4f", epoch + 1, config.epochs, final_loss)
+        if epoch + 1 < config.epochs:
+            save_checkpoint(
+                ckpt,
+                metadata=metadata,
+                networks={"detector": model},
+                optimizer=optimizer,
+                epoch=epoch + 1,
+                step=step,
+                extra={"resume_key": key},
+            )
+    model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+    model.eval()
+    return {"model": model, "final_loss": round(final_loss, 5)}

@@ -1,0 +1,601 @@
+"""KD-MSI training: a CAM teacher and a sigmoid student trained together on weak tile labels.
+
+Per batch of tile pairs with tile labels y (1 changed, 0 unchanged):
+
+- teacher: G_t = teacher(before, after); logit = GAP(G_t); L_cls = BCE-with-logits(logit, y);
+- CAM = ReLU(G_t) / max(ReLU(G_t)) per tile, times y, detached (the KD target);
+- student: L_kd = mean over valid cells of (sigmoid(G_s) - CAM)^2, at the networks' stride-16
+  resolution; cells whose pixels are mostly nodata do not count;
+- L = L_cls + lambda * L_kd; one SGD optimizer steps both networks (backbone lr, new 1x1 layers
+  at 10x), with polynomial decay per step.
+
+:func:`train_kdmsi` is the ``kdmsi train`` job; :func:`fit_kdmsi` trains on a prepared
+:class:`~kdmsi_engine.training.samples.TrainingSet` (used by the ablation tool too).
+
+Reproducibility and resume: networks are initialised from the seed, the order of the tiles and
+their augmentation in epoch ``e`` depend only on (seed, e), and a checkpoint (``OUT.ckpt``,
+networks, optimizer, epoch, generator states) is written after every epoch. ``resume=True``
+continues from it, and on the same device and thread count gives the same weights as a run that
+was never interrupted. The checkpoint is removed once the model file is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdmsi_engine import __version__
+from kdmsi_engine.atomic import check_output
+from kdmsi_engine.device import cpu_supports_bf16, describe_device, resolve_device
+from kdmsi_engine.errors import CancelledError, InputError, ModelFileError
+from kdmsi_engine.inference.maps import normalize_cam
+from kdmsi_engine.modelfile import save_model
+from kdmsi_engine.models.backbones import BACKBONES
+from kdmsi_engine.models.kdmsi import MODEL_KIND, SiameseCAMNet, architecture, build_kdmsi_models
+from kdmsi_engine.progress import Progress
+from kdmsi_engine.training.common import (
+    augment_batch,
+    checkpoint_path,
+    epoch_generator,
+    epoch_order,
+    load_checkpoint,
+    param_groups,
+    save_checkpoint,
+    seed_everything,
+    set_poly_lr,
+    set_rng_state,
+)
+from kdmsi_engine.training.samples import (
+    DEFAULT_CACHE_BYTES,
+    TileStore,
+    TrainingSet,
+    folder_training_set,
+    manifest_training_set,
+    scene_training_set,
+)
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: On CPUs with bf16, ``auto`` trains in float32: see the measurements in the README; bf16 was
+#: faster per step but its gradients are noisier (set precision="bf16" to use it).
+CPU_AUTO_PRECISION = "fp32"
+
+
+@dataclass
+class KDLosses:
+    """The terms of one KD-MSI step."""
+
+    total: Tensor
+    cls: Tensor
+    kd: Tensor
+    cam: Tensor
+    logit: Tensor
+
+
+def kd_target(g_teacher: Tensor, labels: Tensor) -> Tensor:
+    """The student's target: the teacher's normalised CAM times the tile label, detached."""
+    cam = normalize_cam(g_teacher.detach())
+    return cam * labels.float().view(-1, 1, 1, 1)
+
+
+def valid_cells(valid: Tensor | None, size: tuple[int, int]) -> Tensor | None:
+    """Valid mask (B,H,W) -> (B,1,h,w) float mask of cells with at least half valid pixels."""
+    if valid is None:
+        return None
+    fraction = F.adaptive_avg_pool2d(valid.float().unsqueeze(1), size)
+    return (fraction >= 0.5).float()
+
+
+def kd_losses(
+    teacher: nn.Module,
+    student: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    labels: Tensor,
+    valid: Tensor | None = None,
+    *,
+    kd_weight: float = 10.0,
+) -> KDLosses:
+    """L = L_cls(teacher) + kd_weight * L_kd(student -> teacher CAM); see the module docstring.
+
+    Args:
+        teacher, student: :class:`~kdmsi_engine.models.kdmsi.SiameseCAMNet`.
+        before, after: (B,C,H,W) bands in [0,1].
+        labels: (B,) tile labels 0/1.
+        valid: (B,H,W) bool valid mask, or ``None`` (all valid).
+        kd_weight: lambda.
+    """
+    labels = labels.float().to(before.device)
+    g_t = teacher(before, after).float()
+    logit = g_t.mean(dim=(1, 2, 3))
+    loss_cls = F.binary_cross_entropy_with_logits(logit, labels)
+    cam = kd_target(g_t, labels)
+    g_s = student(before, after).float()
+    diff2 = (torch.sigmoid(g_s) - cam) ** 2
+    mask = valid_cells(valid.to(before.device) if valid is not None else None, g_s.shape[-2:])
+    if mask is None:
+        loss_kd = diff2.mean()
+    else:
+        loss_kd = (diff2 * mask).sum() / mask.sum().clamp_min(1.0)
+    total = loss_cls + kd_weight * loss_kd
+    return KDLosses(total, loss_cls, loss_kd, cam, logit)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``fp16`` on CUDA (with a grad scaler), :data:`CPU_AUTO_PRECISION` on CPU."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else CPU_AUTO_PRECISION
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("fp16 training needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        logger.warning("this CPU has no native bf16: bf16 training will be slow")
+    return precision
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+def _check_params(
+    *,
+    backbone: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    kd_weight: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    if backbone not in BACKBONES:
+        raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if int(epochs) != epochs or epochs < 1:
+        raise InputError(f"--epochs must be a whole number >= 1, got {epochs}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise InputError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    for name, value in (("--lr", lr), ("--kd-weight", kd_weight)):
+        if not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name} must be a positive number, got {value}")
+    if not (0 <= momentum < 1) or not (0 <= weight_decay < 1):
+        raise InputError("momentum must be in [0,1) and weight decay in [0,1)")
+
+
+def _check_weights(weights: str | os.PathLike[str]) -> str:
+    spec = str(weights)
+    if spec in ("none", "imagenet"):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"--weights {spec!r} is neither 'imagenet', 'none' nor an existing file; check the path"
+        )
+    return str(path.absolute())
+
+
+def train_kdmsi(
+    before: str | os.PathLike[str] | None = None,
+    after: str | os.PathLike[str] | None = None,
+    *,
+    out: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
+    scenes: str | os.PathLike[str] | None = None,
+    dataset: str | os.PathLike[str] | None = None,
+    label_field: str = "change",
+    unmarked_unchanged: bool = False,
+    backbone: str = "resnet50",
+    weights: str | os.PathLike[str] = "imagenet",
+    epochs: int = 20,
+    batch_size: int = 8,
+    lr: float = 0.001,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    power: float = 0.9,
+    kd_weight: float = 10.0,
+    teacher_combination: str = "diff",
+    student_combination: str = "diff",
+    tile_size: int = 256,
+    min_valid_fraction: float = 0.5,
+    bands: object = None,
+    seed: int = 0,
+    augment: bool = True,
+    resume: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a KD-MSI teacher and student; write the model file ``out``.
+
+    Give exactly one data source: ``before``/``after`` with ``labels`` (a weak-label vector
+    file), ``scenes`` (a manifest CSV) or ``dataset`` (a folder ``A/ B/ label/``).
+
+    Returns:
+        ``model`` (path), ``checkpoint`` (removed), tile counts, device, precision, seconds,
+        final losses.
+
+    Raises:
+        InputError: bad parameters or data-source combination.
+        LabelError: the labels give no tile of one class.
+        OutputError: ``out`` exists without ``overwrite``.
+        CancelledError: cancelled; the checkpoint of the last finished epoch is kept.
+    """
+    progress = progress or Progress()
+    given = [
+        before is not None or after is not None or labels is not None,
+        scenes is not None,
+        dataset is not None,
+    ]
+    if sum(given) != 1:
+        raise InputError(
+            "give one data source: BEFORE AFTER --labels LABELS, or --scenes MANIFEST, or "
+            "--dataset DIR"
+        )
+    if given[0] and (before is None or after is None or labels is None):
+        raise InputError("training on a scene pair needs BEFORE, AFTER and --labels LABELS")
+    _check_params(
+        backbone=backbone,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        kd_weight=kd_weight,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    architecture(backbone, 3, teacher_combination, student_combination)  # checks the names
+    weights = _check_weights(weights)
+    out_path = check_output(out, overwrite=overwrite)
+    ckpt = checkpoint_path(out_path)
+    if resume and not ckpt.is_file():
+        raise InputError(f"--resume: no checkpoint {ckpt}; run again without --resume")
+    torch_device = resolve_device(device)
+    progress.stage("tiles", message="collecting labelled tiles")
+    common = {"tile_size": tile_size, "bands": bands, "min_valid_fraction": min_valid_fraction}
+    if dataset is not None:
+        tset = folder_training_set(dataset, progress=progress, **common)
+    elif scenes is not None:
+        tset = manifest_training_set(
+            scenes,
+            field=label_field,
+            unmarked_unchanged=unmarked_unchanged,
+            progress=progress,
+            **common,
+        )
+    else:
+        assert before is not None and after is not None and labels is not None
+        tset = scene_training_set(
+            before,
+            after,
+            labels,
+            field=label_field,
+            unmarked_unchanged=unmarked_unchanged,
+            progress=progress,
+            **common,
+        )
+    progress.log(
+        f"{len(tset.tiles)} training tiles of {tset.tile_size} px: {tset.num_changed} changed, "
+        f"{tset.num_unchanged} unchanged ({tset.unlabelled} unlabelled left out)"
+    )
+    return fit_kdmsi(
+        tset,
+        out=out_path,
+        backbone=backbone,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        power=power,
+        kd_weight=kd_weight,
+        teacher_combination=teacher_combination,
+        student_combination=student_combination,
+        seed=seed,
+        augment=augment,
+        resume=resume,
+        device=torch_device,
+        precision=precision,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def _training_params(**kwargs: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+
+
+def fit_kdmsi(
+    tset: TrainingSet,
+    *,
+    out: str | os.PathLike[str] | None,
+    backbone: str = "resnet50",
+    weights: str | os.PathLike[str] = "imagenet",
+    epochs: int = 20,
+    batch_size: int = 8,
+    lr: float = 0.001,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    power: float = 0.9,
+    kd_weight: float = 10.0,
+    teacher_combination: str = "diff",
+    student_combination: str = "diff",
+    seed: int = 0,
+    augment: bool = True,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    overwrite: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on a prepared training set; write ``out`` (unless ``None``) and return a summary.
+
+    The summary has the trained ``teacher`` and ``student`` networks under ``networks`` when
+    ``out`` is ``None`` (for the ablation tool), and the model ``metadata``.
+    """
+    progress = progress or Progress()
+    tset.check_classes()
+    _check_params(
+        backbone=backbone,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        kd_weight=kd_weight,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
+    out_path = check_output(out, overwrite=overwrite) if out is not None else None
+    ckpt = Path(checkpoint) if checkpoint else (checkpoint_path(out_path) if out_path else None)
+    arch = architecture(backbone, tset.num_bands, teacher_combination, student_combination)
+    params = _training_params(
+        backbone=backbone,
+        weights=str(weights),
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        momentum=float(momentum),
+        weight_decay=float(weight_decay),
+        poly_power=float(power),
+        new_layer_lr_mult=10.0,
+        kd_weight=float(kd_weight),
+        teacher_combination=teacher_combination,
+        student_combination=student_combination,
+        seed=int(seed),
+        augment=bool(augment),
+        optimizer="SGD",
+    )
+    data_info = tset.describe()
+    scaling = next(iter(tset.scalings.values())) if len(tset.scalings) == 1 else None
+    metadata: dict[str, Any] = {
+        "kind": MODEL_KIND,
+        "architecture": arch,
+        "bands": list(tset.bands),
+        "num_bands": tset.num_bands,
+        "scaling": scaling,
+        "scalings": tset.scalings,
+        "tile_size": tset.tile_size,
+        "training": {"data": data_info, "parameters": params},
+        "engine_version": __version__,
+    }
+
+    seed_everything(int(seed))
+    teacher, student = build_kdmsi_models(arch, weights=weights)
+    teacher.to(torch_device).train()
+    student.to(torch_device).train()
+    groups = param_groups(
+        teacher.backbone_parameters() + student.backbone_parameters(),
+        teacher.new_parameters() + student.new_parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+    )
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    num = len(tset.tiles)
+    steps_per_epoch = math.ceil(num / batch_size)
+    total_steps = steps_per_epoch * int(epochs)
+    start_epoch, step = 0, 0
+    history: list[dict[str, float]] = []
+    seconds_before = 0.0
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise InputError(f"--resume: no checkpoint {ckpt}; run again without --resume")
+        start_epoch, step, history, seconds_before = _restore(
+            ckpt, metadata, teacher, student, optimizer, scaler
+        )
+        progress.log(f"resuming from {ckpt} after epoch {start_epoch}")
+    progress.log(
+        f"device: {describe_device(torch_device)}; precision {precision}",
+        device=str(torch_device),
+        precision=precision,
+    )
+    started = time.monotonic()
+    with TileStore(tset, cache_bytes=cache_bytes, progress=progress) as store:
+        progress.stage(
+            "train",
+            total=total_steps,
+            message=f"{backbone}, {epochs} epochs of {steps_per_epoch} batches",
+        )
+        if step:
+            progress.advance(step)
+        train_started = time.monotonic()
+        tiles_seen = 0
+        try:
+            for epoch in range(start_epoch, int(epochs)):
+                sums = {"loss": 0.0, "cls": 0.0, "kd": 0.0}
+                order = epoch_order(num, int(seed), epoch)
+                aug_gen = epoch_generator(int(seed), epoch, 1)
+                for first in range(0, num, batch_size):
+                    progress.check_cancelled()
+                    indexes = order[first : first + batch_size]
+                    before, after, valid, labels = store.batch(indexes)
+                    if augment:
+                        before, after, valid = augment_batch(
+                            before, after, valid, generator=aug_gen
+                        )
+                    before, after = before.to(torch_device), after.to(torch_device)
+                    valid, labels = valid.to(torch_device), labels.to(torch_device)
+                    base_lr = set_poly_lr(optimizer, lr, step, total_steps, power)
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast(torch_device, precision):
+                        losses = kd_losses(
+                            teacher, student, before, after, labels, valid, kd_weight=kd_weight
+                        )
+                    if scaler is not None:
+                        scaler.scale(losses.total).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        losses.total.backward()
+                        optimizer.step()
+                    step += 1
+                    tiles_seen += len(indexes)
+                    values = {
+                        "loss": float(losses.total),
+                        "cls": float(losses.cls),
+                        "kd": float(losses.kd),
+                    }
+                    for key, value in values.items():
+                        sums[key] += value * len(indexes)
+                    if not math.isfinite(values["loss"]):
+                        raise InputError(
+                            f"training diverged (loss {values['loss']}) at epoch {epoch + 1}; "
+                            "lower --lr or use --precision fp32"
+                        )
+                    progress.advance(1, epoch=epoch + 1, lr=base_lr, **values)
+                history.append({k: v / num for k, v in sums.items()} | {"epoch": epoch + 1})
+                progress.log(
+                    f"epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f} "
+                    f"(cls {history[-1]['cls']:.4f}, kd {history[-1]['kd']:.5f})",
+                    **history[-1],
+                )
+                if ckpt is not None:
+                    save_checkpoint(
+                        ckpt,
+                        metadata=metadata,
+                        networks={"teacher": teacher, "student": student},
+                        optimizer=optimizer,
+                        epoch=epoch + 1,
+                        step=step,
+                        scaler=scaler,
+                        extra={
+                            "history": history,
+                            "seconds": seconds_before + time.monotonic() - started,
+                        },
+                    )
+        except CancelledError as exc:
+            if ckpt is not None and ckpt.is_file():
+                raise CancelledError(
+                    f"training cancelled; the last finished epoch is saved in {ckpt}: run the "
+                    "same command with --resume to continue"
+                ) from exc
+            raise
+        train_seconds = time.monotonic() - train_started
+    total_seconds = seconds_before + time.monotonic() - started
+    teacher.eval()
+    student.eval()
+    metadata["training"]["history"] = history
+    metadata["training"]["device"] = describe_device(torch_device)
+    metadata["training"]["precision"] = precision
+    metadata["timings"] = {
+        "train_seconds": round(total_seconds, 2),
+        "tile_pairs_per_second": round(tiles_seen / train_seconds, 3) if train_seconds else None,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    result: dict[str, Any] = {
+        "tiles": num,
+        "changed_tiles": tset.num_changed,
+        "unchanged_tiles": tset.num_unchanged,
+        "epochs": int(epochs),
+        "device": str(torch_device),
+        "precision": precision,
+        "seconds": round(total_seconds, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    if out_path is not None:
+        save_model(
+            out_path,
+            metadata,
+            {"teacher": teacher.state_dict(), "student": student.state_dict()},
+            overwrite=overwrite,
+        )
+        if ckpt is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ckpt.unlink()
+        result["model"] = str(out_path)
+        progress.result(**result)
+    else:
+        result["networks"] = {"teacher": teacher, "student": student}
+    result["metadata"] = metadata
+    return result
+
+
+def _restore(
+    ckpt: Path,
+    metadata: dict[str, Any],
+    teacher: SiameseCAMNet,
+    student: SiameseCAMNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any | None,
+) -> tuple[int, int, list[dict[str, float]], float]:
+    state = load_checkpoint(ckpt)
+    old = state.metadata
+    for key in ("architecture", "tile_size", "bands"):
+        if old.get(key) != metadata.get(key):
+            raise InputError(
+                f"--resume: the checkpoint {ckpt} was made with another {key}; use the same "
+                "options or run without --resume"
+            )
+    if old.get("training", {}).get("parameters") != metadata["training"]["parameters"]:
+        raise InputError(
+            f"--resume: the checkpoint {ckpt} was made with other training parameters; use the "
+            "same options or run without --resume"
+        )
+    if old.get("training", {}).get("data", {}).get("tiles") != metadata["training"]["data"].get(
+        "tiles"
+    ):
+        raise InputError(
+            f"--resume: the checkpoint {ckpt} was made with other training tiles; use the same "
+            "data or run without --resume"
+        )
+    try:
+        teacher.load_state_dict(state.tensors["teacher"], strict=True)
+        student.load_state_dict(state.tensors["student"], strict=True)
+        optimizer.load_state_dict(state.extra["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ModelFileError(
+            f"checkpoint {ckpt} does not fit these networks; run again without --resume"
+        ) from exc
+    if scaler is not None and "scaler" in state.extra:
+        scaler.load_state_dict(state.extra["scaler"])
+    if "rng" in state.extra:
+        set_rng_state(state.extra["rng"])
+    history = list(state.extra.get("history", []))
+    return (
+        int(state.extra["epoch"]),
+        int(state.extra["step"]),
+        history,
+        float(state.extra.get("seconds", 0.0)),
+    )

@@ -1,0 +1,160 @@
+"""Change probability maps (CAM, student, MI, MSI) and pseudo labels from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+)
+
+from kdmsi_qgis import layers
+from kdmsi_qgis.algorithms.base import METHODS, KdmsiAlgorithm, advanced
+
+
+def check_scales(text: str) -> str:
+    """``0.5,1,1.5,2`` -> the same text, or QgsProcessingException for bad values."""
+    cleaned = text.replace(" ", "")
+    try:
+        values = [float(v) for v in cleaned.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 or v > 8 for v in values):
+        raise QgsProcessingException(
+            f"scales {text!r} are not valid; give positive numbers separated by commas, "
+            "e.g. 0.5,1,1.5,2"
+        )
+    return cleaned
+
+
+class ChangeProbabilityAlgorithm(KdmsiAlgorithm):
+    """``kdmsi infer``: a change probability raster (0..1) from a KD-MSI model."""
+
+    ID = "changeprobability"
+    DISPLAY = "Change probability map (CAM / student / MI / MSI)"
+    GROUP = "3. Maps"
+    GROUP_ID = "maps"
+    METHOD = "METHOD"
+    SCALES = "SCALES"
+    HELP = (
+        "Computes a change probability raster (float, 0 = no change, 1 = change, nodata where "
+        "either image has none) over the whole overlap of the two images with a model from "
+        "'Train KD-MSI model'.\n\n"
+        "Method: msi (recommended) averages the student's sigmoid maps over the scales and "
+        "horizontal flips; mi sums raw maps over scales (the baseline); student is one pass at "
+        "scale 1 (fastest); cam is the teacher's class activation map.\n\n"
+        "The images must have the bands the model was trained on. Next: 'Pseudo labels'."
+    )
+
+    def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802
+        self.add_scene_parameters()
+        self.add_model_parameter(self.tr("KD-MSI model file (.kdmsi)"))
+        self.add_enum(self.METHOD, self.tr("Method"), METHODS)
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterString(
+                    self.SCALES, self.tr("Scales (msi and mi)"), defaultValue="0.5,1,1.5,2"
+                )
+            )
+        )
+        self.add_device_parameter()
+        self.addParameter(
+            QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Change probability"))
+        )
+
+    def processAlgorithm(  # noqa: N802
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        arguments = self.scene_arguments(parameters, context)
+        model = self.parameterAsFile(parameters, self.MODEL, context)
+        output = self.output_layer(parameters, self.OUTPUT, context)
+        scales = check_scales(self.parameterAsString(parameters, self.SCALES, context))
+        arguments += ["--model", model, "-o", output]
+        arguments += ["--method", self.enum_value(parameters, self.METHOD, METHODS, context)]
+        arguments += ["--scales", scales]
+        self.run_engine("infer", arguments, feedback, device=self.device(parameters, context))
+        self.style_on_load(context, output, "probability")
+        return {self.OUTPUT: output}
+
+
+class PseudoLabelsAlgorithm(KdmsiAlgorithm):
+    """``kdmsi pseudo``: pixel pseudo labels from a change probability raster."""
+
+    ID = "pseudolabels"
+    DISPLAY = "Pseudo labels"
+    GROUP = "3. Maps"
+    GROUP_ID = "maps"
+    PROBABILITY = "PROBABILITY"
+    THRESHOLD = "THRESHOLD"
+    AUTO_THRESHOLD = "AUTO_THRESHOLD"
+    UNMARKED_UNCHANGED = "UNMARKED_UNCHANGED"
+    HELP = (
+        "Turns a change probability raster into pixel pseudo labels for the change detector. "
+        "On tiles the weak labels mark as changed: 1 where the probability is above the "
+        "threshold, else 0; tiles marked unchanged are all 0; unlabelled tiles and nodata are "
+        "255 (ignored). Use the weak labels the model was trained with.\n\n"
+        "Threshold: 0.3 is the paper's value for MSI maps; tick 'choose the threshold "
+        "automatically' to let the engine pick one (Otsu on the changed tiles, never below "
+        "what unchanged tiles reach). Look at the "
+        "result over the after image: if real changes are missing lower the threshold, if "
+        "noise is labelled as change raise it. Next: 'Train change detector'."
+    )
+
+    def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802
+        self.addParameter(
+            QgsProcessingParameterRasterLayer(
+                self.PROBABILITY, self.tr("Change probability (from 'Change probability map')")
+            )
+        )
+        self.add_labels_parameters()
+        self.addParameter(
+            QgsProcessingParameterBoolean(
+                self.UNMARKED_UNCHANGED, self.tr("Tiles without a label are unchanged"), False
+            )
+        )
+        self.add_float(self.THRESHOLD, self.tr("Threshold"), 0.3, minimum=0.0)
+        self.addParameter(
+            QgsProcessingParameterBoolean(
+                self.AUTO_THRESHOLD, self.tr("Choose the threshold automatically"), False
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Pseudo labels"))
+        )
+
+    def processAlgorithm(  # noqa: N802
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        probability = layers.raster_source(
+            self.parameterAsRasterLayer(parameters, self.PROBABILITY, context),
+            self.tr("Change probability"),
+        )
+        threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+        if self.parameterAsBoolean(parameters, self.AUTO_THRESHOLD, context):
+            threshold_text = "auto"
+        elif not 0.0 < threshold < 1.0:
+            raise QgsProcessingException(
+                self.tr("threshold {} is outside (0, 1); use e.g. 0.3").format(threshold)
+            )
+        else:
+            threshold_text = repr(float(threshold))
+        output = self.output_layer(parameters, self.OUTPUT, context)
+        arguments = [probability, "-o", output, "--threshold", threshold_text]
+        arguments += self.labels_arguments(parameters, context, feedback)
+        if self.parameterAsBoolean(parameters, self.UNMARKED_UNCHANGED, context):
+            arguments.append("--unmarked-unchanged")
+        self.run_engine("pseudo", arguments, feedback)
+        self.style_on_load(context, output, "pseudo")
+        return {self.OUTPUT: output}

@@ -1,0 +1,146 @@
+"""Screenshot of the KD-MSI dock and the map after a dock run (headless, offscreen rendering).
+
+Usage (from the repository root)::
+
+    QT_QPA_PLATFORM=offscreen .venv/bin/python tests/plugin/screenshot.py \
+        [--output /work/team/screenshots/kdmsi_dock_map.png] [--epochs 2]
+
+Loads the plugin, puts the real Landsat Taizhou pair and weak labels (the labelling grid
+filled from the sparse reference samples) in the project, presses the dock's "Labelling grid"
+and "Run all" buttons with a tiny CPU configuration, waits, then renders the map (after image,
+change probability, change polygons) with QgsMapRendererParallelJob and grabs the dock with
+QWidget.grab(), side by side in one PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("KDMSI_PYTHON", sys.executable)
+
+from qgis_env import StubIface, make_weak_labels, start_qgis, wait_for  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "landsat-taizhou-nanjing"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--output", type=Path, default=Path("/work/team/screenshots/kdmsi_dock_map.png")
+    )
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--tile-size", type=int, default=64)
+    args = parser.parse_args()
+    start_qgis()
+    import qgis.utils
+    from qgis.core import (
+        QgsContrastEnhancement,
+        QgsMapRendererParallelJob,
+        QgsMapSettings,
+        QgsMultiBandColorRenderer,
+        QgsProject,
+        QgsRasterLayer,
+        QgsVectorLayer,
+    )
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+    iface = StubIface()
+    qgis.utils.iface = iface
+    from kdmsi_qgis import classFactory
+
+    plugin = classFactory(iface)
+    plugin.initGui()
+    work = Path(tempfile.mkdtemp(prefix="kdmsi-shot-"))
+    project = QgsProject.instance()
+    before = QgsRasterLayer(str(DATA / "A" / "taizhou.tif"), "Taizhou 2000", "gdal")
+    after = QgsRasterLayer(str(DATA / "B" / "taizhou.tif"), "Taizhou 2003", "gdal")
+    for layer in (before, after):
+        # Landsat bands 1,2,3,4,5,7: true colour is 3,2,1
+        renderer = QgsMultiBandColorRenderer(layer.dataProvider(), 3, 2, 1)
+        layer.setRenderer(renderer)
+        layer.setContrastEnhancement(
+            QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum
+        )
+    project.addMapLayers([before, after])
+
+    dock = plugin.ensure_dock()
+    dock.before_combo.setLayer(before)
+    dock.after_combo.setLayer(after)
+    dock.output_widget.setFilePath(str(work))
+    dock.tile_spin.setValue(args.tile_size)
+    dock.backbone_combo.setCurrentText("resnet18")
+    dock.weights_combo.setCurrentText("none")
+    dock.epochs_spin.setValue(args.epochs)
+    dock.device_combo.setCurrentText("cpu")
+    dock.scales_edit.setText("0.5,1")
+
+    def press(button, timeout: float) -> None:
+        done: list = []
+        dock.jobFinished.connect(done.append)
+        button.click()
+        wait_for(lambda: bool(done), timeout)
+        dock.jobFinished.disconnect(done.append)
+        if not done[0].success:
+            raise SystemExit(f"{button.text()} failed: {done[0].error}")
+
+    press(dock.grid_button, 120)
+    labels_path = str(work / "weak_labels.gpkg")
+    make_weak_labels(
+        str(work / "labelling_grid.gpkg"), str(DATA / "label" / "taizhou.tif"), labels_path,
+        args.tile_size,
+    )
+    labels = QgsVectorLayer(labels_path, "weak labels (analyst)", "ogr")
+    from kdmsi_qgis import layers as plugin_layers
+
+    plugin_layers.apply_style(labels, "grid")
+    project.addMapLayer(labels)
+    dock.labels_combo.setLayer(labels)
+    dock.field_combo.setField("change")
+    press(dock.run_button, 900)
+
+    group = project.layerTreeRoot().findGroup(dock.group_name())
+    results = {node.layer().name(): node.layer() for node in group.findLayers()}
+    print("group", group.name(), "holds", sorted(results))
+    settings = QgsMapSettings()
+    settings.setLayers(
+        [results.get("Change polygons"), results.get("Change probability"), after]
+    )
+    settings.setDestinationCrs(before.crs())
+    settings.setExtent(before.extent())
+    settings.setOutputSize(QSize(760, 760))
+    settings.setBackgroundColor(QColor("white"))
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    map_image = job.renderedImage()
+
+    dock.resize(420, 1000)
+    dock.show()
+    dock_image = dock.grab().toImage()
+    width = map_image.width() + dock_image.width() + 30
+    height = max(map_image.height(), dock_image.height()) + 20
+    canvas = QImage(width, height, QImage.Format.Format_ARGB32)
+    canvas.fill(QColor("#f0f0f0"))
+    painter = QPainter(canvas)
+    painter.drawImage(10, 10, map_image)
+    painter.drawImage(map_image.width() + 20, 10, dock_image)
+    painter.end()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(str(args.output))
+    print("saved", args.output)
+    plugin.unload()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

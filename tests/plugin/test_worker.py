@@ -1,0 +1,120 @@
+"""The worker launcher: JSON progress, one-line errors, cancel ends the worker within seconds."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def test_grid_progress_events_and_result(plugin, taizhou, tmp_path: Path) -> None:
+    from kdmsi_qgis import worker
+
+    events: list[dict] = []
+    output = tmp_path / "grid.gpkg"
+    argv = worker.engine_command(
+        "grid", [taizhou["before"], taizhou["after"], "-o", str(output), "--tile-size", "128"]
+    )
+    assert argv[:4] == [sys.executable, "-m", "kdmsi_engine", "grid"]
+    assert argv[-2:] == ["--progress", "json"]
+    result = worker.run_engine(argv, on_event=events.append)
+    assert result.success, result.error
+    assert result.exit_code == 0 and result.error == ""
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "stage" and kinds[-1] == "result"
+    assert any(e["event"] == "progress" and e.get("fraction") == 1.0 for e in events)
+    assert Path(result.result["grid"]).resolve() == output.resolve()
+    from qgis.core import QgsVectorLayer
+
+    layer = QgsVectorLayer(str(output), "grid", "ogr")
+    assert layer.isValid() and layer.crs().authid() == result.result["crs"] == "EPSG:32651"
+    assert layer.featureCount() == result.result["tiles"] >= 9
+
+
+def test_bad_input_gives_the_engines_one_line(plugin, taizhou, shared_data, tmp_path) -> None:
+    from kdmsi_qgis import worker
+
+    logs: list[str] = []
+    other = shared_data / "rasterio-rgb-byte" / "RGB.byte.tif"  # another place: no overlap
+    output = tmp_path / "grid.gpkg"
+    argv = worker.engine_command("grid", [taizhou["before"], str(other), "-o", str(output)])
+    result = worker.run_engine(argv, on_log=logs.append)
+    assert not result.success
+    assert result.exit_code == worker.EXIT_BAD_INPUT
+    assert result.error and "\n" not in result.error
+    assert "overlap" in result.error.lower() or "intersect" in result.error.lower()
+    assert any("error" in line for line in logs)  # the stderr line reached the log
+    assert not output.exists()
+
+
+def test_missing_interpreter_is_reported(plugin) -> None:
+    from kdmsi_qgis import worker
+
+    argv = worker.engine_command("env", [], python="/nonexistent/bin/python3")
+    result = worker.run_engine(argv)
+    assert not result.success and result.exit_code is None
+    assert "/nonexistent/bin/python3" in result.error and "Python" in result.error
+
+
+def test_missing_module_gives_the_install_command(plugin) -> None:
+    from kdmsi_qgis import worker
+
+    code = "import sys; sys.stderr.write(\"ModuleNotFoundError: No module named 'torch'\\n\"); sys.exit(1)"
+    result = worker.run_engine([sys.executable, "-c", code])
+    assert not result.success and result.exit_code == 1
+    assert "torch" in result.error and "pip install torch" in result.error
+
+
+def test_cancel_kills_a_worker_that_ignores_sigterm(plugin) -> None:
+    from kdmsi_qgis import worker
+
+    code = (
+        "import json, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print(json.dumps({'event': 'stage', 'stage': 'train'}), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    started: list[float] = []
+    result = worker.run_engine(
+        [sys.executable, "-c", code],
+        on_event=lambda e: started.append(time.monotonic()),
+        is_cancelled=lambda: bool(started),
+        grace_s=1.0,
+    )
+    assert started
+    elapsed = time.monotonic() - started[0]
+    assert result.cancelled and not result.success
+    assert result.exit_code == -9  # SIGKILL after the grace period
+    assert elapsed < 5.0
+    assert "cancelled" in result.error
+
+
+def test_environment_check_reports_python_torch_and_device(plugin) -> None:
+    from kdmsi_qgis import envcheck
+
+    report = envcheck.check_environment("cpu")
+    assert report["ok"], report
+    assert report["python"] == sys.executable
+    assert report["torch"].startswith("2.")
+    assert report["device"] == "cpu"
+    assert report["rasterio"] and report["gdal"].startswith("3.")
+    text = envcheck.format_report(report)
+    assert "torch:" in text and "Device: cpu" in text and "GPU:" in text
+
+
+def test_environment_check_names_the_missing_device(plugin) -> None:
+    import importlib.util
+
+    from kdmsi_qgis import envcheck
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is needed to ask for a device")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    report = envcheck.check_environment("cuda")
+    assert not report["ok"]
+    assert any("cuda" in p.lower() for p in report["problems"])
