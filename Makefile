@@ -12,6 +12,7 @@ APT_PACKAGES := qgis python3-qgis python3-rasterio python3-geopandas python3-sha
 TORCH_SPEC ?= torch==2.13.0
 export QT_QPA_PLATFORM ?= offscreen
 export PYTHONUNBUFFERED := 1
+export OMP_WAIT_POLICY ?= PASSIVE
 
 define PIN_SYSTEM_PACKAGES
 from importlib.metadata import version, PackageNotFoundError
@@ -62,4 +63,4 @@ package: setup
 	$(PY) -m kdmsi_engine.tools.package
 
 clean:
-	rm -rf dist build .pytest_cache demo-output bench-output
+	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output

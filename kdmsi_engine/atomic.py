@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,10 +59,47 @@ def check_output_dir(path: str | os.PathLike[str], *, create: bool = True) -> Pa
     return folder
 
 
+def _host() -> str:
+    """This machine's name, made safe for a file name."""
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
+
+
 def partial_path(target: Path) -> Path:
-    """A hidden temporary name beside ``target`` that keeps its extension (GDAL needs it)."""
-    token = f"{os.getpid()}-{secrets.token_hex(3)}"
+    """A hidden temporary name beside ``target`` that keeps its extension (GDAL needs it).
+
+    The name holds the host and process id of the writer, so :func:`remove_stale_partials` can
+    tell a file in progress from one left by a killed job.
+    """
+    token = f"{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
     return target.with_name(f".{target.stem}{PARTIAL_MARK}{token}{target.suffix}")
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove temporary files of ``target`` whose writer on this host no longer runs.
+
+    A SIGKILLed job cannot clean up after itself; the next write of the same output does.
+    Files written from another host (a shared network folder) are left alone.
+    """
+    prefix = f".{target.stem}{PARTIAL_MARK}{_host()}-"
+    removed = []
+    for path in target.parent.glob(f".{target.stem}{PARTIAL_MARK}*{target.suffix}"):
+        rest = path.name[len(prefix) :] if path.name.startswith(prefix) else ""
+        pid_text = rest.split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -111,6 +149,7 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
         ...     write_raster(tmp)
     """
     target = check_output(path, overwrite=overwrite)
+    remove_stale_partials(target)
     tmp = partial_path(target)
     errors = _GdalErrors()
     loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]

@@ -128,19 +128,17 @@ def load_model(
             f"{source} is not a KD-MSI model file (or is damaged): {type(exc).__name__}; "
             "train a model with 'kdmsi train' or 'kdmsi train-detector'"
         ) from exc
-    if not isinstance(payload, dict) or payload.get("format") not in (
-        MODEL_FORMAT,
-        CHECKPOINT_FORMAT,
-    ):
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(fmt, str) or fmt not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise ModelFileError(f"{source} is not a KD-MSI model file; train one with 'kdmsi train'")
-    if payload["format"] != file_format:
+    if fmt != file_format:
+        raise ModelFileError(f"{source} is a {fmt} file, expected {file_format}; check the path")
+    version = payload.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        shown = version if isinstance(version, (int, str)) else type(version).__name__
         raise ModelFileError(
-            f"{source} is a {payload['format']} file, expected {file_format}; check the path"
-        )
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{source} has format version {payload.get('format_version')!r}; this engine reads "
-            f"version {FORMAT_VERSION}: retrain or update the plugin"
+            f"{source} has format version {str(shown)[:40]!r}; this engine reads version "
+            f"{FORMAT_VERSION}: retrain or update the plugin"
         )
     metadata_json = payload.get("metadata_json")
     tensors = payload.get("tensors")
@@ -151,7 +149,8 @@ def load_model(
             raise ModelFileError(f"{source} has a malformed weight group; retrain the model")
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise ModelFileError(f"{source} has malformed weights; retrain the model")
-    if payload.get("checksum") != _checksum(metadata_json, tensors):
+    checksum = payload.get("checksum")
+    if not isinstance(checksum, str) or checksum != _checksum(metadata_json, tensors):
         raise ModelFileError(
             f"{source} was altered or damaged (checksum mismatch); use the file training wrote"
         )
@@ -166,5 +165,9 @@ def load_model(
             f"{source} is a {metadata.get('kind')!r} model, this job needs a {expected_kind!r} "
             "model (KD-MSI models from 'kdmsi train', detectors from 'kdmsi train-detector')"
         )
-    extra = payload.get("extra") or {}
+    extra = payload.get("extra")
+    if extra is None:
+        extra = {}
+    elif not isinstance(extra, dict):
+        raise ModelFileError(f"{source} has malformed extra data; retrain the model")
     return ModelFile(metadata=metadata, tensors=tensors, extra=extra)

@@ -7,8 +7,9 @@
 and with a truth raster the metrics of the MSI map, the pseudo labels and the final change
 map). Every file stays in ``OUTDIR``; all outputs are checked before the first stage starts.
 
-``batch``: a manifest (``name,before,after,labels``). Every scene is opened first; a scene that
-cannot be read is reported and left out. KD-MSI and the detector are trained once, over all
+``batch``: a manifest (``name,before,after,labels``). Missing files are refused before any work
+(one line, nothing written); then every scene is opened, and a scene that cannot be used
+(unreadable or truncated raster, no overlap, bad labels) is reported and left out. KD-MSI and the detector are trained once, over all
 labelled scenes (``OUTDIR/student.kdmsi``, ``OUTDIR/detector.kdmsi``; MSI maps and pseudo labels
 in ``OUTDIR/<name>/``), then every scene is detected into ``OUTDIR/<name>/`` with its own
 ``run.json``. A scene that fails is reported (``batch.json`` and the progress log) and the
@@ -35,6 +36,7 @@ from kdmsi_engine.detect import OUTPUT_NAMES, detect_scene, software_versions
 from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.errors import CancelledError, InputError, KdmsiError, RasterError
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.training.common import checkpoint_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class RunConfig:
     detector_lr: float = 0.007
     detector_tile_size: int = 256
     min_labelled: float = 0.25
+    detector_class_weights: str = "none"
     # detection and polygons
     threshold: float = 0.5
     detect_tile_size: int | None = None
@@ -140,8 +143,9 @@ def run_scene(
         truth: optional pixel truth raster (change > 0, nodata excluded) for metrics.
         name: scene name (polygons' ``scene`` attribute; default: before file's stem).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        resume: continue interrupted training stages from their checkpoints.
-        overwrite: replace existing outputs.
+        resume: continue an interrupted run: stage files that exist are reused, training
+            continues from its checkpoint, the remaining outputs are (re)written.
+        overwrite: replace existing outputs (start again).
         progress: progress and cancellation.
 
     Returns:
@@ -166,7 +170,8 @@ def run_scene(
         **{key: folder / file for key, file in OUTPUT_NAMES.items()},
     }
     for path in paths.values():
-        check_output(path, overwrite=overwrite)
+        # --resume continues an interrupted run: finished stage files are reused, the rest redone.
+        check_output(path, overwrite=overwrite or resume)
     torch_device = resolve_device(device)
     scene_name = name or Path(before).stem
     timings: dict[str, float] = {}
@@ -181,6 +186,7 @@ def run_scene(
         overwrite=overwrite,
         progress=progress,
         timings=timings,
+        reuse=resume and not overwrite,
     )
     detection = _timed(
         timings,
@@ -200,7 +206,7 @@ def run_scene(
             fill_holes=config.fill_holes,
             scene_name=scene_name,
             device=device,
-            overwrite=overwrite,
+            overwrite=overwrite or resume,
             write_record=False,
             progress=progress,
         ),
@@ -231,7 +237,9 @@ def run_scene(
         )
     timings["total_s"] = round(time.monotonic() - started, 2)
     record["timings"] = timings
-    write_text_atomic(paths["run"], json.dumps(record, indent=2, default=str), overwrite=overwrite)
+    write_text_atomic(
+        paths["run"], json.dumps(record, indent=2, default=str), overwrite=overwrite or resume
+    )
     progress.log(f"outputs in {folder}")
     return record
 
@@ -313,9 +321,9 @@ def _train_stages(
                 tile_size=config.tile_size,
                 bands=config.bands,
                 seed=config.seed,
-                resume=resume,
+                resume=resume and checkpoint_path(student_path).is_file(),
                 device=device,
-                overwrite=overwrite,
+                overwrite=overwrite or reuse,
                 progress=progress,
             ),
         )
@@ -379,6 +387,7 @@ def _train_stages(
             batch_size=config.detector_batch_size,
             lr=config.detector_lr,
             seed=config.seed,
+            class_weights=config.detector_class_weights,
         )
         stages["detector"] = _timed(
             timings,
@@ -390,7 +399,7 @@ def _train_stages(
                 bands=config.bands,
                 device=device,
                 resume=resume,
-                overwrite=overwrite,
+                overwrite=overwrite or reuse,
                 progress=progress,
             ),
         )
@@ -462,7 +471,9 @@ def batch_scenes(
     progress = progress or Progress()
     config = config or RunConfig()
     config.check()
-    specs = read_manifest(manifest, check_files=False)
+    # Missing files are typos the user wants to hear about before any work: refused here, with
+    # nothing written. Files that exist but cannot be used fail their scene only (below).
+    specs = read_manifest(manifest)
     folder = check_output_dir(out_dir)
     record_path = folder / BATCH_RECORD
     check_output(record_path, overwrite=True)

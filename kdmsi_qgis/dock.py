@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,19 @@ from kdmsi_qgis.tasks import EngineTask
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda:0")
+
+
+@dataclass
+class Step:
+    """One engine command of a dock action."""
+
+    command: str
+    arguments: list[str]
+    device: bool = True
+
+
+#: The steps of a dock action and the ``(kind, path)`` outputs to show when all succeeded.
+Plan = tuple[list[Step], list[tuple[str, str]]]
 
 
 def tr(text: str) -> str:
@@ -254,36 +268,58 @@ class KdmsiDock(QDockWidget):
     # ------------------------------------------------------------------ steps
 
     def create_grid(self) -> None:
-        def build() -> tuple[list[str], list[tuple[str, str]]]:
+        def build() -> Plan:
             output = str(self._output_folder() / "labelling_grid.gpkg")
             arguments = self._scene() + ["-o", output, "--tile-size", str(self.tile_spin.value())]
-            return arguments, [("grid", output)]
+            return [Step("grid", arguments, device=False)], [("grid", output)]
 
-        self._start(tr("Labelling grid"), "grid", build, device=False)
+        self._start(tr("Labelling grid"), build)
 
     def train(self) -> None:
-        def build() -> tuple[list[str], list[tuple[str, str]]]:
-            output = str(self._output_folder() / "kdmsi_model.kdmsi")
-            arguments = self._scene() + self._labels() + ["-o", output] + self._training()
-            return arguments, [("model", output)]
+        """KD-MSI model, MSI map, pseudo labels and the change detector, one after the other."""
 
-        self._start(tr("Train"), "train", build)
+        def build() -> Plan:
+            folder = self._output_folder() / "training"
+            scene = self._scene()
+            labels = self._labels()
+            student = str(folder / "student.kdmsi")
+            msi = str(folder / "msi_probability.tif")
+            pseudo = str(folder / "pseudo_labels.tif")
+            detector = str(folder / "detector.kdmsi")
+            scales = self.scales_edit.text().replace(" ", "")
+            steps = [
+                Step("train", scene + labels + ["-o", student] + self._training()),
+                Step("infer", scene + ["--model", student, "-o", msi, "--scales", scales]),
+                Step(
+                    "pseudo",
+                    [msi, "-o", pseudo, "--threshold", f"{self.threshold_spin.value():g}"] + labels,
+                    device=False,
+                ),
+                Step(
+                    "train-detector",
+                    scene + ["--pseudo", pseudo, "-o", detector] + self._training(),
+                ),
+            ]
+            outputs = [("msi", msi), ("pseudo", pseudo), ("model", detector)]
+            return steps, outputs
+
+        self._start(tr("Train"), build, folder_name="training")
 
     def detect(self) -> None:
-        def build() -> tuple[list[str], list[tuple[str, str]]]:
+        def build() -> Plan:
             model = self.model_widget.filePath().strip()
             if not model or not Path(model).is_file():
                 raise QgsProcessingException(
-                    tr("choose a model file (.kdmsi); train one first or use Run all")
+                    tr("choose a change detector file (.kdmsi); press Train first or use Run all")
                 )
             folder = self._output_folder() / "detection"
             arguments = self._scene() + ["--model", model, "-o", str(folder)]
-            return arguments, _folder_outputs(folder)
+            return [Step("detect", arguments)], _folder_outputs(folder)
 
-        self._start(tr("Detect"), "detect", build)
+        self._start(tr("Detect"), build)
 
     def run_all(self) -> None:
-        def build() -> tuple[list[str], list[tuple[str, str]]]:
+        def build() -> Plan:
             folder = self._output_folder() / "run"
             tile = str(self.tile_spin.value())
             arguments = self._scene() + self._labels() + ["-o", str(folder)]
@@ -294,55 +330,72 @@ class KdmsiDock(QDockWidget):
             arguments += ["--tile-size", tile, "--detector-tile-size", tile]
             arguments += ["--msi-scales", self.scales_edit.text().replace(" ", "")]
             arguments += ["--pseudo-threshold", f"{self.threshold_spin.value():g}"]
-            return arguments, _folder_outputs(folder)
+            outputs = _folder_outputs(folder) + [
+                ("msi", str(folder / "msi_probability.tif")),
+                ("pseudo", str(folder / "pseudo_labels.tif")),
+                ("model", str(folder / "detector.kdmsi")),
+            ]
+            return [Step("run", arguments)], outputs
 
-        self._start(tr("Run all"), "run", build)
+        self._start(tr("Run all"), build)
 
     def check_environment(self) -> None:
         """Run ``kdmsi env`` in the background and show the report in the log."""
-
-        def build() -> tuple[list[str], list[tuple[str, str]]]:
-            return [], []
-
-        self._start(tr("Check environment"), "env", build)
+        self._start(tr("Check environment"), lambda: ([Step("env", [])], []))
 
     # ------------------------------------------------------------------ running
 
-    def _start(
-        self,
-        title: str,
-        command: str,
-        build: Callable[[], tuple[list[str], list[tuple[str, str]]]],
-        *,
-        device: bool = True,
-    ) -> bool:
+    def _start(self, title: str, build: Callable[[], Plan], folder_name: str = "") -> bool:
+        """Check the inputs, then run the plan's steps one after the other in the background."""
         if self.task is not None:
             self._message(tr("A step is running; wait for it or cancel it"), warning=True)
             return False
         try:
-            arguments, outputs = build()
+            steps, outputs = build()
         except QgsProcessingException as exc:
             self._message(str(exc), warning=True)
             return False
+        if folder_name:
+            (self._output_folder() / folder_name).mkdir(exist_ok=True)
         settings.save_device(self.device())
+        self._set_running(True)
+        self._run_next(title, list(steps), outputs)
+        return True
+
+    def _run_next(self, title: str, steps: list[Step], outputs: list[tuple[str, str]]) -> None:
+        step = steps.pop(0)
         argv = worker.engine_command(
-            command,
-            arguments,
-            device=self.device() if device else None,
-            overwrite=self.overwrite_check.isChecked() and command != "env",
+            step.command,
+            step.arguments,
+            device=self.device() if step.device else None,
+            overwrite=self.overwrite_check.isChecked() and step.command != "env",
             python=self.python_widget.filePath().strip() or None,
         )
         self.log_view.appendPlainText("$ " + " ".join(shlex.quote(a) for a in argv))
-        task = EngineTask(f"KD-MSI: {title}", argv)
+        task = EngineTask(f"KD-MSI: {title} ({step.command})", argv)
         task.engineEvent.connect(self._on_event)
         task.logLine.connect(self.log_view.appendPlainText)
-        task.jobDone.connect(lambda result: self._on_done(title, command, outputs, result))
+        task.jobDone.connect(
+            lambda result: self._step_done(title, step.command, steps, outputs, result)
+        )
         self.task = task
         self.progress_bar.setValue(0)
-        self.stage_label.setText(tr("{}: starting").format(title))
-        self._set_running(True)
+        self.stage_label.setText(tr("{}: starting {}").format(title, step.command))
         QgsApplication.taskManager().addTask(task)
-        return True
+
+    def _step_done(
+        self,
+        title: str,
+        command: str,
+        steps: list[Step],
+        outputs: list[tuple[str, str]],
+        result: worker.EngineResult,
+    ) -> None:
+        self.task = None
+        if result.success and steps:
+            self._run_next(title, steps, outputs)
+            return
+        self._on_done(title, command, outputs, result)
 
     def cancel(self) -> None:
         if self.task is not None:

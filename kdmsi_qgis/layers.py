@@ -37,6 +37,7 @@ STYLES = {
     "probability": ("probability.qml", "Change probability"),
     "change": ("change.qml", "Change"),
     "changes": ("changes.qml", "Change polygons"),
+    "msi": ("probability.qml", "MSI change probability (KD-MSI)"),
     "pseudo": ("pseudo.qml", "Pseudo labels"),
     "grid": ("grid.qml", "Labelling grid"),
 }
@@ -187,12 +188,13 @@ def add_results(
 ) -> list[QgsMapLayer]:
     """Add ``(kind, path)`` outputs to ``project`` in the group ``group_name``, styled.
 
-    Layers from an earlier run in the same group are replaced; polygons go on top.
+    Layers from an earlier run in the same group are replaced; new layers go to the top of
+    the group, polygons above rasters.
     """
     group = result_group(project, group_name)
     added: list[QgsMapLayer] = []
-    order = {"changes": 0, "grid": 0, "change": 1, "pseudo": 2, "probability": 3}
-    for kind, path in sorted(outputs, key=lambda item: order.get(item[0], 9)):
+    order = {"changes": 0, "grid": 0, "change": 1, "pseudo": 2, "probability": 3, "msi": 4}
+    for kind, path in sorted(outputs, key=lambda item: -order.get(item[0], 9)):
         layer = load_layer(path, kind)
         if layer is None:
             continue
@@ -200,8 +202,8 @@ def add_results(
             if node.layer() is not None and node.layer().name() == layer.name():
                 project.removeMapLayer(node.layerId())
         project.addMapLayer(layer, False)
-        group.addLayer(layer)
-        added.append(layer)
+        group.insertLayer(0, layer)
+        added.insert(0, layer)
     return added
 
 

@@ -20,7 +20,6 @@ import logging
 import os
 import queue
 import signal
-# The worker is started with an argument list, never through a shell.
 import subprocess  # nosec B404
 import threading
 import time
@@ -36,6 +35,8 @@ logger = logging.getLogger(__name__)
 #: Exit status the engine uses for bad input, and for a cancelled job.
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
+#: ``kdmsi env`` as a module of its own (see :mod:`kdmsi_engine.cli.env`).
+ENV_MODULE = "kdmsi_engine.cli.env"
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 TERMINATE_GRACE_S = 5.0
 
@@ -84,6 +85,9 @@ def engine_command(
         python: interpreter; default: :func:`kdmsi_qgis.settings.python_executable`.
     """
     argv = [python or settings.python_executable(), "-m", "kdmsi_engine", command]
+    if command == "env":
+        # standalone: answers even where the other commands' dependencies are missing
+        argv[2:] = [ENV_MODULE]
     argv.extend(str(a) for a in arguments)
     argv.extend(["--progress", "json"])
     if device:

@@ -67,8 +67,11 @@ def _common_parser() -> argparse.ArgumentParser:
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, like every other error."""
 
+    #: Set by :func:`main` when the arguments ask for JSON progress, so usage errors are events too.
+    json_errors = False
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        if "json" in sys.argv[1:] and "--progress" in sys.argv[1:]:
+        if _Parser.json_errors:
             print(ProgressEvent("error", message=message, data={"type": "UsageError"}).to_json())
         self.exit(2, f"kdmsi {self.prog.split(' ')[-1]}: error: {message}\n")
 
@@ -113,6 +116,10 @@ def _print_result(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     _limit_gdal_cache()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--progress=json" in argv or any(
+        a == "--progress" and b == "json" for a, b in zip(argv, argv[1:])
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -7,13 +7,16 @@ that installs it for this interpreter. The QGIS plugin's "Check environment" act
 command with ``--progress json`` in the interpreter the plugin is set to use.
 
 This module imports torch and the GIS packages only inside the handler, so it answers even
-where they are missing.
+where they are missing. ``python -m kdmsi_engine.cli.env`` runs it without loading the other
+sub-commands, whose modules import geopandas and friends at start-up: that is how the plugin
+calls it, so "Check environment" can say what to install even where ``kdmsi`` cannot start.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import platform
@@ -108,7 +111,15 @@ def _pip_only_environment() -> bool:
 
 
 def _version(module: Any) -> str:
-    return str(getattr(module, "__version__", None) or getattr(module, "version", "") or "?")
+    found = getattr(module, "__version__", None)
+    if isinstance(found, str) and found:
+        return found
+    try:
+        from importlib.metadata import version
+
+        return version(module.__name__.replace("_", "-"))
+    except Exception:  # no distribution metadata
+        return "?"
 
 
 def environment_report(device: str = "auto") -> dict[str, Any]:
@@ -207,3 +218,24 @@ def _summary(report: dict[str, Any]) -> str:
     if report.get("device_error"):
         text += f"; {report['device_error']}"
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdmsi_engine.cli.env [--device D] [--progress json]``, standalone."""
+    from kdmsi_engine.progress import JsonReporter, Progress, ProgressEvent
+
+    parser = argparse.ArgumentParser(prog="kdmsi env", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="device to check: auto, cpu, cuda:N")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    args = parser.parse_args(argv)
+    if args.progress == "json":
+        reporter = JsonReporter()
+        report = _handle(args, Progress(reporter))
+        reporter(ProgressEvent("result", NAME, data=report))
+    else:
+        print(json.dumps(environment_report(args.device), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

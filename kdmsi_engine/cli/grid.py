@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kdmsi_engine.data.jobs import write_labelling_grid
 from kdmsi_engine.progress import Progress
 
 NAME = "grid"
@@ -54,6 +53,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    # Imported here, not at module level: every command module loads at start-up.
+    from kdmsi_engine.data.jobs import write_labelling_grid
+
     return write_labelling_grid(
         args.before,
         args.after,

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from kdmsi_engine.cli.grid import add_scene_options
-from kdmsi_engine.data.jobs import write_tile_labels
 from kdmsi_engine.errors import InputError
 from kdmsi_engine.progress import Progress
 
@@ -43,6 +42,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     if args.dataset is None and (args.before is None or args.after is None):
         raise InputError("give BEFORE AFTER --labels FILE, or --dataset DIR")
+    from kdmsi_engine.data.jobs import write_tile_labels
+
     return write_tile_labels(
         args.output,
         before=args.before,

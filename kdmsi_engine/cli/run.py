@@ -62,6 +62,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="labelled fraction a detector tile needs (default 0.25)",
     )
+    det.add_argument(
+        "--detector-class-weights",
+        choices=("none", "balanced"),
+        default="none",
+        help="cross-entropy class weights: none (paper) or balanced (for rare change)",
+    )
     out = parser.add_argument_group("detection")
     out.add_argument("--threshold", type=float, default=0.5, help="change threshold (0.5)")
     out.add_argument("--detect-tile-size", type=int, help="detection window (default >= 128)")
@@ -97,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         detector_lr=args.detector_lr,
         detector_tile_size=args.detector_tile_size,
         min_labelled=args.min_labelled,
+        detector_class_weights=args.detector_class_weights,
         threshold=args.threshold,
         detect_tile_size=args.detect_tile_size,
         detect_scales=parse_scales(args.detect_scales),

@@ -8,7 +8,8 @@ from typing import Any
 from kdmsi_engine.models.backbones import BACKBONES
 from kdmsi_engine.models.kdmsi import COMBINATIONS
 from kdmsi_engine.progress import Progress
-from kdmsi_engine.training.kd import PRECISIONS, train_kdmsi
+from kdmsi_engine.training.kd import train_kdmsi
+from kdmsi_engine.training.losses import PRECISIONS
 
 NAME = "train"
 

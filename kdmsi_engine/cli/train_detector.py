@@ -63,6 +63,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="fraction of labelled pixels a tile needs to train (default 0.25)",
     )
     parser.add_argument("--max-tiles", type=int, help="train on at most this many tiles")
+    parser.add_argument(
+        "--class-weights",
+        choices=("none", "balanced"),
+        default="none",
+        help="cross-entropy class weights: none (paper) or balanced (for rare change)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint OUT.ckpt"
@@ -92,6 +98,7 @@ def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         weight_decay=args.weight_decay,
         seed=args.seed,
         max_tiles=args.max_tiles,
+        class_weights=args.class_weights,
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 OSCD = REPO.parent / "shared" / "data" / "oscd"
 THRESHOLDS: tuple[Any, ...] = (0.3, "auto", "otsu", "unchanged-q", 0.0)
+#: fixed thresholds tried only to find the best one with the truth (an oracle, for reference).
+ORACLE: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def tile_labels_from_mask(
@@ -74,8 +76,30 @@ def tile_labels_from_mask(
     return {"tiles": len(values), "changed": int(sum(values))}
 
 
-def run_study(model: Path, out_dir: Path, *, epochs: int = 6, tile_size: int = 128) -> int:
+def _printing_progress() -> Any:
+    """A Progress that prints stages, logs and every 10th step with a timestamp."""
+    from kdmsi_engine.progress import Progress
+
+    def show(event: Any) -> None:
+        if event.kind in ("stage", "log") or (event.kind == "progress" and event.done % 10 == 0):
+            print(
+                time.strftime("%H:%M:%S"),
+                event.kind,
+                event.stage,
+                event.done,
+                event.total,
+                event.message,
+                flush=True,
+            )
+
+    return Progress(show)
+
+
+def run_study(
+    model: Path, out_dir: Path, *, epochs: int = 20, tile_size: int = 128, method: str = "msi"
+) -> int:
     """Run the study (see module docs); print a table, write ``pseudo-study.json``."""
+    from kdmsi_engine.errors import LabelError
     from kdmsi_engine.inference.scene import infer_scene
     from kdmsi_engine.metrics import Confusion, evaluate_rasters, metrics_from_confusion
     from kdmsi_engine.pseudo import make_pseudo_labels
@@ -119,60 +143,65 @@ def run_study(model: Path, out_dir: Path, *, epochs: int = 6, tile_size: int = 1
             batch_size=8,
             tile_size=tile_size,
             device="cpu",
+            progress=_printing_progress(),
         )
         train_info = {k: v for k, v in result.items() if k not in ("metadata", "networks")}
         train_info["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"trained: {train_info}", flush=True)
-    totals = {str(t): Confusion() for t in THRESHOLDS}
+    tried = THRESHOLDS + ORACLE
+    totals = {str(t): Confusion() for t in tried}
     per_city: dict[str, dict[str, Any]] = {}
-    oracle = None
     for city in cities:
-        prob = work / f"{city}-msi.tif"
+        prob = work / f"{city}-{method}.tif"
         if not prob.exists():
             infer_scene(
                 OSCD / "A" / f"{city}.tif",
                 OSCD / "B" / f"{city}.tif",
                 model,
                 prob,
-                method="msi",
+                method=method,
                 device="cpu",
                 batch_size=4,
             )
         truth = OSCD / "label" / f"{city}.tif"
         sweep = evaluate_rasters(prob, truth, sweep=True)
-        records = sweep["sweep"]
-        if oracle is None:
-            oracle = [dict(r) for r in records]
         per_city[city] = {"msi_best_iou": sweep["best"]}
-        for t in THRESHOLDS:
-            out = work / f"{city}-pseudo-{t}.tif"
-            res = make_pseudo_labels(
-                prob,
-                out,
-                labels=work / f"{city}-labels.gpkg",
-                threshold=t if isinstance(t, str) else float(t),
-                tile_size=tile_size,
-                overwrite=True,
-            )
+        for t in tried:
+            out = work / f"{city}-pseudo-{method}-{t}.tif"
+            try:
+                res = make_pseudo_labels(
+                    prob,
+                    out,
+                    labels=work / f"{city}-labels.gpkg",
+                    threshold=t if isinstance(t, str) else float(t),
+                    tile_size=tile_size,
+                    overwrite=True,
+                )
+            except LabelError:  # e.g. unchanged-q on a scene without unchanged tiles
+                per_city[city][str(t)] = {"threshold": None, "iou": None}
+                continue
             ev = evaluate_rasters(out, truth)
             c = ev["counts"]
             totals[str(t)] = totals[str(t)] + Confusion(**c)
             per_city[city][str(t)] = {"threshold": res["threshold"], "iou": round(ev["iou"], 4)}
         print(city, json.dumps(per_city[city]), flush=True)
     summary = {}
-    for t in THRESHOLDS:
+    for t in tried:
         m = metrics_from_confusion(totals[str(t)])
-        thresholds = [per_city[c][str(t)]["threshold"] for c in cities]
+        done = [c for c in cities if per_city[c][str(t)]["threshold"] is not None]
+        thresholds = [per_city[c][str(t)]["threshold"] for c in done]
         summary[str(t)] = {
             "iou": round(m["iou"], 4),
             "f1": round(m["f1"], 4),
             "precision": round(m["precision"], 4),
             "recall": round(m["recall"], 4),
-            "mean_city_iou": round(float(np.mean([per_city[c][str(t)]["iou"] for c in cities])), 4),
+            "mean_city_iou": round(float(np.mean([per_city[c][str(t)]["iou"] for c in done])), 4),
+            "cities": len(done),
             "threshold_mean": round(float(np.mean(thresholds)), 3),
             "threshold_range": [round(min(thresholds), 3), round(max(thresholds), 3)],
         }
     record = {
+        "method": method,
         "model": str(model),
         "tile_size": tile_size,
         "training": train_info,
@@ -181,13 +210,21 @@ def run_study(model: Path, out_dir: Path, *, epochs: int = 6, tile_size: int = 1
         "per_city": per_city,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out_dir / "pseudo-study.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print("\nPseudo-label IoU on OSCD (10 cities, counts summed):")
-    print(f"{'threshold':<12} {'IoU':>7} {'F1':>7} {'prec':>7} {'recall':>7} {'city IoU':>9}  t")
+    (out_dir / f"pseudo-study-{method}.json").write_text(
+        json.dumps(record, indent=2), encoding="utf-8"
+    )
+    print(f"\nPseudo-label IoU on OSCD from {method} maps (10 cities, counts summed):")
+    print(
+        f"{'threshold':<12} {'IoU':>7} {'F1':>7} {'prec':>7} {'recall':>7} {'city IoU':>9} "
+        f"{'cities':>6}  threshold mean [range]"
+    )
     for t, s in summary.items():
+        tag = " (oracle grid)" if t in {str(v) for v in ORACLE} else ""
         print(
             f"{t:<12} {s['iou']:>7.4f} {s['f1']:>7.4f} {s['precision']:>7.4f} "
-            f"{s['recall']:>7.4f} {s['mean_city_iou']:>9.4f}  {s['threshold_mean']} "
-            f"{s['threshold_range']}"
+            f"{s['recall']:>7.4f} {s['mean_city_iou']:>9.4f} {s['cities']:>6}  "
+            f"{s['threshold_mean']} {s['threshold_range']}{tag}"
         )
+    best = max(ORACLE + (0.3, 0.0), key=lambda t: summary[str(t)]["iou"])
+    print(f"best fixed threshold with the truth (oracle): {best} IoU {summary[str(best)]['iou']}")
     return 0

@@ -238,6 +238,7 @@ def load_detector(
     return model, loaded.metadata
 
 
+@torch.no_grad()
 def change_probability(model: nn.Module, before: Tensor, after: Tensor) -> Tensor:
     """Softmax probability of the change class, ``(B, H, W)`` float32 in [0, 1]."""
     logits = model(before, after)

@@ -15,9 +15,11 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    and on its flip) against 1 for the one-scale student map, so 15x FLOPs (7.5x relative to a
    one-scale inference *with* a flip). Convolutions are linear in pixels, so the FLOP ratio sits
    at the floor; the table shows how close the measured time ratio comes.
-3. **Memory** (issue 6): peak RSS of ``kdmsi infer`` (and of ``detect``/``vectorize`` when
-   present) on a 2048 x 2048 and an 8192 x 8192 scene, VRTs repeating the real Landsat Taizhou
-   pair (A as before, B as after), each in its own subprocess, measured with ``os.wait4``.
+3. **Memory** (issue 6): peak RSS of ``kdmsi infer``, ``kdmsi detect`` (random-weight
+   efficientnet-lite0 DeepLabV3+, ``--scales 0.25``) and ``kdmsi vectorize`` (of infer's map
+   thresholded at 0.5) on a 2048 x 2048 and an 8192 x 8192 scene, VRTs repeating the real
+   Landsat Taizhou pair (A as before, B as after), each job in its own subprocess, its peak
+   RSS read with ``os.wait4``.
    Same settings for both sizes: a random-weight efficientnet-lite0 model, 256 px windows,
    overlap 32, batch 4, ``--method msi --scales 0.25`` (the network sees each window and its
    flip at 64 px: 1/8 of the one-scale compute, so the 67-megapixel scene takes minutes, not
@@ -124,6 +126,14 @@ def _timed(fn: Any, repeats: int, warmup: int = 1) -> float:
 
 
 # --------------------------------------------------------------------------- 1. training
+def _train_forward(nets: tuple[Any, Any, Any], b: dict[str, Any]) -> None:
+    """The forward half of a training step (teacher and student on both dates, the losses)."""
+    from kdmsi_engine.training.kd import kd_losses
+
+    teacher, student, _ = nets
+    kd_losses(teacher, student, b["before"], b["after"], b["labels"], b["valid"])
+
+
 def _train_step(nets: tuple[Any, Any, Any], b: dict[str, Any], precision: str) -> None:
     """One KD-MSI training step as ``kdmsi train`` runs it (kd_losses, backward, SGD)."""
     from kdmsi_engine.training.kd import kd_losses
@@ -136,7 +146,7 @@ def _train_step(nets: tuple[Any, Any, Any], b: dict[str, Any], precision: str) -
     opt.step()
 
 
-def bench_training(quick: bool) -> list[dict[str, Any]]:
+def bench_training(quick: bool, force_bf16: bool = False) -> list[dict[str, Any]]:
     batch = real_tiles(8)
     rows = []
     backbones = ("resnet18", "efficientnet-lite0") if not quick else ("efficientnet-lite0",)
@@ -149,23 +159,37 @@ def bench_training(quick: bool) -> list[dict[str, Any]]:
 
         one = {k: v[:1] for k, v in batch.items()}
         nets = (teacher, student, opt)
-        # the FLOP count (batch 1) doubles as the warm-up of fp32; bf16 gets its own warm-up
-        flops = _flops(functools.partial(_train_step, nets, one, "fp32"))
+        # FLOPs: 3x the forward count of the step (backward ~ 2x forward). torch's
+        # FlopCounterMode counts a grouped (depthwise) convolution's backward as a dense one
+        # (66x too many for a 64-channel depthwise 3x3), which would inflate efficientnet-lite0.
+        with torch.no_grad():
+            flops = 3 * _flops(functools.partial(_train_forward, nets, one))
+        _train_step(nets, one, "fp32")  # warm-up
         for precision in ("fp32", "bf16"):
+            if precision == "bf16" and not (_bf16() or force_bf16):
+                # without AVX512-BF16/AMX, bf16 autocast is emulated: measured here once,
+                # resnet18 batch 2 took 295 s a step (0.007 pairs/s, ~40x slower than fp32)
+                rows.append(
+                    {"backbone": backbone, "precision": "bf16", "skipped": "no native bf16"}
+                )
+                print(_row(rows[-1]), flush=True)
+                continue
             if precision != "fp32":
                 _train_step(nets, one, precision)
-            run = functools.partial(_train_step, nets, batch, precision)
+            size = 8
+            part = {k: v[:size] for k, v in batch.items()}
+            run = functools.partial(_train_step, nets, part, precision)
             seconds = _timed(run, repeats=1, warmup=0)
             rows.append(
                 {
                     "backbone": backbone,
                     "precision": precision,
-                    "batch": 8,
+                    "batch": size,
                     "tile": TILE,
                     "seconds_per_step": round(seconds, 3),
-                    "tile_pairs_per_s": round(8 / seconds, 3),
+                    "tile_pairs_per_s": round(size / seconds, 3),
                     "gflops_per_tile_pair": round(flops / 1e9, 2),
-                    "achieved_gflops_s": round(8 * flops / seconds / 1e9, 1),
+                    "achieved_gflops_s": round(size * flops / seconds / 1e9, 1),
                 }
             )
             print(_row(rows[-1]), flush=True)
@@ -264,23 +288,37 @@ def _xml(text: str) -> str:
     )
 
 
+#: A tiny launcher: runs the job, reads the job's own rusage with os.wait4, writes it as JSON.
+#: It keeps the measured job a child of a small process: a child forked straight from this
+#: (large) benchmark process would inherit its resident-set high-water mark through fork/exec.
+_LAUNCHER = (
+    "import json, os, subprocess, sys, time\n"
+    "t = time.time()\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "rc = os.waitstatus_to_exitcode(status)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    json.dump({'rc': rc, 'maxrss_kb': usage.ru_maxrss, 'seconds': time.time() - t}, f)\n"
+)
+
+
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``args`` in a subprocess; return exit code, seconds and its own peak RSS (MB)."""
     import tempfile
 
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)  # nosec B603
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace").strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage.json"
+        out_path, err_path = Path(tmp) / "out.txt", Path(tmp) / "err.txt"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            launcher = [sys.executable, "-c", _LAUNCHER, str(report), *args]
+            subprocess.run(launcher, stdout=out, stderr=err, env=env, check=False)  # nosec B603
+        stdout = out_path.read_text(errors="replace")
+        stderr = err_path.read_text(errors="replace").strip()
+        usage = json.loads(report.read_text()) if report.exists() else {}
     return {
-        "returncode": proc.returncode,
-        "seconds": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),  # Linux: kilobytes
+        "returncode": usage.get("rc"),
+        "seconds": round(float(usage.get("seconds", 0.0)), 1),
+        "peak_rss_mb": round(usage.get("maxrss_kb", 0) / 1024.0, 1),  # Linux: kilobytes
         "stderr_tail": stderr.splitlines()[-1] if stderr else "",
         "stdout": stdout,
     }
@@ -353,14 +391,50 @@ def _strip(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "stdout"}
 
 
+def _detector_model(work: Path) -> Path | None:
+    """A random-weight efficientnet-lite0 detector file, when DETECT's code exists."""
+    try:
+        from kdmsi_engine.models.deeplab import DETECTOR_KIND, architecture_dict, build_detector
+    except ImportError:
+        return None
+    from kdmsi_engine.data.scaling import BandScaling
+    from kdmsi_engine.modelfile import save_model
+
+    path = work / "random-detector.kdmsi"
+    torch.manual_seed(0)
+    net = build_detector("efficientnet-lite0", in_channels=3)
+    meta = {
+        "kind": DETECTOR_KIND,
+        "architecture": architecture_dict("efficientnet-lite0", 3),
+        "bands": [1, 2, 3],
+        "num_bands": 3,
+        "scaling": BandScaling.uint8(3).to_dict(),
+        "tile_size": TILE,
+        "training": {"note": "random weights, for the memory benchmark only"},
+    }
+    save_model(path, meta, {"detector": net.state_dict()}, overwrite=True)
+    return path
+
+
 def _other_jobs(
     work: Path, size: int, before: Path, after: Path, prob: Path, env: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """``vectorize`` of a class raster made from ``prob`` when DETECT's command exists."""
-    rows: list[dict[str, Any]] = []
-    try:
-        import importlib
+    """``detect`` and ``vectorize`` with the same window settings, when DETECT's code exists."""
+    import importlib
 
+    rows: list[dict[str, Any]] = []
+    detector = _detector_model(work)
+    if detector is not None:
+        args = [
+            sys.executable, "-m", "kdmsi_engine", "detect", str(before), str(after),
+            "--model", str(detector), "-o", str(work / f"detect-{size}"),
+            "--tile-size", str(TILE), "--overlap", "32", "--batch-size", "4",
+            "--scales", "0.25", "--device", "cpu", "--progress", "none", "--overwrite",
+        ]  # fmt: skip
+        result = run_measured(args, env)
+        rows.append({"job": "detect", "size": size, **_strip(result)})
+        print(_row(rows[-1]), flush=True)
+    try:
         importlib.import_module("kdmsi_engine.vectorize")
     except ImportError:
         return rows
@@ -371,17 +445,9 @@ def _other_jobs(
     classes = work / f"change-{size}.tif"
     write_uint8_classes(prob, classes, 0.5, overwrite=True)
     args = [
-        sys.executable,
-        "-m",
-        "kdmsi_engine",
-        "vectorize",
-        str(classes),
-        "-o",
-        str(work / f"changes-{size}.gpkg"),
-        "--progress",
-        "none",
-        "--overwrite",
-    ]
+        sys.executable, "-m", "kdmsi_engine", "vectorize", str(classes), "-o",
+        str(work / f"changes-{size}.gpkg"), "--progress", "none", "--overwrite",
+    ]  # fmt: skip
     result = run_measured(args, env)
     rows.append({"job": "vectorize", "size": size, **_strip(result)})
     print(_row(rows[-1]), flush=True)
@@ -409,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, one backbone")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--bf16-anyway", action="store_true", help="time bf16 training even without native bf16"
+    )
     parser.add_argument("--only-memory", action="store_true")
     parser.add_argument("--sizes", default="2048,8192", help="memory scene sizes")
     parser.add_argument("--pseudo-study", metavar="MODEL", help="threshold study (see docs)")
+    parser.add_argument("--study-method", default="msi", help="map of the threshold study")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -419,8 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pseudo_study:
         from kdmsi_engine.inference.threshold_study import run_study
 
-        return run_study(Path(args.pseudo_study), out_dir)
+        return run_study(Path(args.pseudo_study), out_dir, method=args.study_method)
     started = time.perf_counter()
+    previous: dict[str, Any] = {}
+    if args.only_memory and (out_dir / "bench.json").is_file():
+        previous = json.loads((out_dir / "bench.json").read_text(encoding="utf-8"))
     record: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
@@ -430,9 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": _load(),
     }
     print(f"KD-MSI bench: {record}", flush=True)
+    for key in ("training", "inference"):
+        if key in previous:
+            record[key] = previous[key]
     if not args.only_memory:
         print("\n[training] KD-MSI step, 256 px, batch 8", flush=True)
-        record["training"] = bench_training(args.quick)
+        record["training"] = bench_training(args.quick, args.bf16_anyway)
         print(
             "\n[inference] 256 px tiles, student (1 scale) vs MSI (0.5,1,1.5,2 + flips)", flush=True
         )
@@ -441,10 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = tuple(int(s) for s in args.sizes.split(","))
         print(f"\n[memory] peak RSS of jobs on {sizes} px scenes", flush=True)
         record["memory"] = bench_memory(out_dir, sizes)
-        infer = {r["size"]: r["peak_rss_mb"] for r in record["memory"] if r["job"] == "infer"}
-        if len(infer) >= 2:
-            lo, hi = infer[min(infer)], infer[max(infer)]
-            record["memory_growth_infer"] = round(hi / lo - 1.0, 3)
+        for job in ("infer", "detect", "vectorize"):
+            rss = {r["size"]: r["peak_rss_mb"] for r in record["memory"] if r["job"] == job}
+            if len(rss) >= 2:
+                lo, hi = rss[min(rss)], rss[max(rss)]
+                record[f"memory_growth_{job}"] = round(hi / lo - 1.0, 3)
     record["load_average_end"] = _load()
     record["seconds"] = round(time.perf_counter() - started, 1)
     print()
@@ -455,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "backbone",
                 "precision",
+                "batch",
                 "tile_pairs_per_s",
                 "seconds_per_step",
                 "gflops_per_tile_pair",
@@ -487,11 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         text = _table(title, record.get(key, []), keys)
         if text:
             print(text + "\n")
-    if "memory_growth_infer" in record:
-        print(
-            f"infer peak RSS growth 2048 -> 8192: {record['memory_growth_infer']:+.1%} "
-            "(issue 6 asks < 30 %)"
-        )
+    for job in ("infer", "detect", "vectorize"):
+        if f"memory_growth_{job}" in record:
+            print(
+                f"{job} peak RSS growth, smallest -> largest scene: "
+                f"{record[f'memory_growth_{job}']:+.1%} (issue 6 asks < 30 %)"
+            )
     (out_dir / "bench.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(f"written {out_dir / 'bench.json'} in {record['seconds']} s")
     return 0

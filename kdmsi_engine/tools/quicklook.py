@@ -37,7 +37,12 @@ def _out_shape(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _read(path: str | os.PathLike[str], bands: Sequence[int], shape: tuple[int, int], resampling: Resampling) -> np.ndarray:
+def _read(
+    path: str | os.PathLike[str],
+    bands: Sequence[int],
+    shape: tuple[int, int],
+    resampling: Resampling,
+) -> np.ndarray:
     try:
         with rasterio.open(path) as ds:
             use = [b for b in bands if b <= ds.count] or [1]
@@ -61,10 +66,10 @@ def stretch(data: np.ndarray) -> np.ndarray:
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
-    edge = np.zeros_like(mask)
-    edge[1:, :] |= mask[1:, :] != mask[:-1, :]
-    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-    return edge & mask
+    """Pixels of ``mask`` with a 4-neighbour outside it (the outline)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~inner
 
 
 def make_quicklook(

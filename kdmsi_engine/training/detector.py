@@ -86,6 +86,8 @@ class DetectorScene:
     before: Path
     after: Path
     pseudo: Path
+    #: ``False`` for folder datasets (PNG pairs without CRS, pixels aligned as they are).
+    require_crs: bool = True
 
 
 @dataclass
@@ -105,8 +107,13 @@ class DetectorConfig:
     poly_power: float = 0.9
     seed: int = 0
     max_tiles: int | None = None
+    #: ``none`` (paper: plain cross-entropy) or ``balanced`` (class weights inversely
+    #: proportional to the classes' pixel counts in the training tiles, for rare change).
+    class_weights: str = "none"
 
     def check(self) -> None:
+        if self.class_weights not in ("none", "balanced"):
+            raise InputError(f"class weights {self.class_weights!r} unknown; use none or balanced")
         if self.epochs < 1:
             raise InputError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -148,6 +155,7 @@ def train_detector(
     weight_decay: float = 1e-4,
     seed: int = 0,
     max_tiles: int | None = None,
+    class_weights: str = "none",
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
@@ -167,6 +175,7 @@ def train_detector(
         tile_size, min_labelled: training tiles and the labelled fraction they need.
         epochs, batch_size, lr, momentum, weight_decay, seed: optimisation.
         max_tiles: use at most this many tiles (a random subset, for quick runs).
+        class_weights: ``none`` (paper) or ``balanced`` (inverse class frequency).
         device: ``auto``, ``cpu``, ``cuda:N``.
         resume: continue from ``OUT.ckpt`` when it exists.
         overwrite: replace an existing model file.
@@ -195,6 +204,7 @@ def train_detector(
         weight_decay=float(weight_decay),
         seed=int(seed),
         max_tiles=max_tiles,
+        class_weights=class_weights,
     )
     return train_detector_scenes(
         specs,
@@ -261,7 +271,13 @@ def _open_scenes(specs: Sequence[DetectorScene], bands: object) -> list[ScenePai
     opened: list[ScenePair] = []
     try:
         for spec in specs:
-            scene = ScenePair.open(spec.before, spec.after, bands=bands, name=spec.name)
+            scene = ScenePair.open(
+                spec.before,
+                spec.after,
+                bands=bands,
+                name=spec.name,
+                require_crs=spec.require_crs,
+            )
             opened.append(scene)
             if scene.num_bands != opened[0].num_bands:
                 raise InputError(
@@ -298,9 +314,19 @@ def _open_pseudo(path: Path, scene: ScenePair) -> tuple[Any, GridReader]:
     return dataset, reader
 
 
-def detector_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def detector_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """2-class cross-entropy over the labelled pixels; pixels labelled 255 are ignored."""
-    return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=IGNORE)
+
+
+def balanced_weights(counts: Sequence[int]) -> list[float]:
+    """Class weights ``total / (classes * count)``; all 1 when a class has no pixel."""
+    if min(counts) <= 0:
+        return [1.0] * len(counts)
+    total = float(sum(counts))
+    return [total / (len(counts) * c) for c in counts]
 
 
 def read_pseudo(reader: GridReader, window: Any) -> np.ndarray:
@@ -346,6 +372,15 @@ class _TileSet:
         labels[~win.valid] = IGNORE
         dtype = np.float16 if half else np.float32
         return win.before.astype(dtype), win.after.astype(dtype), labels
+
+    def class_counts(self) -> list[int]:
+        """Pixels labelled 0 and 1 over all tiles."""
+        counts = [0, 0]
+        for index in range(len(self.tiles)):
+            labels = self._cache[index][2] if self._cache is not None else self._read(index)[2]
+            counts[0] += int(np.count_nonzero(labels == 0))
+            counts[1] += int(np.count_nonzero(labels == 1))
+        return counts
 
     def batch(self, indexes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items = [self._cache[i] if self._cache is not None else self._read(i) for i in indexes]
@@ -519,6 +554,12 @@ def _fit(
         new_lr_mult=config.new_lr_mult,
     )
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    weight = None
+    if config.class_weights == "balanced":
+        counts = data.class_counts()
+        weight = torch.tensor(balanced_weights(counts), dtype=torch.float32, device=device)
+        metadata["training"]["class_pixel_counts"] = counts
+        metadata["training"]["class_weight_values"] = [round(float(w), 4) for w in weight]
     n = len(data)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -565,7 +606,7 @@ def _fit(
             lr_now = set_poly_lr(optimizer, config.lr, step, total_steps, config.poly_power)
             with autocast(device):
                 logits = model(before, after)
-            loss = detector_loss(logits, labels)
+            loss = detector_loss(logits, labels, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,9 +8,17 @@ Per batch of tile pairs with tile labels y (1 changed, 0 unchanged):
   resolution; cells whose pixels are mostly nodata do not count;
 - L = L_cls + lambda * L_kd; one SGD optimizer steps both networks (backbone lr, new 1x1 layers
   at 10x), with polynomial decay per step.
+The step itself (losses, mixed precision) lives in :mod:`kdmsi_engine.training.losses`.
 
 :func:`train_kdmsi` is the ``kdmsi train`` job; :func:`fit_kdmsi` trains on a prepared
 :class:`~kdmsi_engine.training.samples.TrainingSet` (used by the ablation tool too).
+
+Augmentation (on by default; ``augment=False`` / ``--no-augment`` turns it off): each tile pair
+gets one of the 8 symmetries of the square (rot90 by k, optional flip), the same for both dates
+and the valid mask. Weak label sets are small (tens to hundreds of tiles) and the teacher learns
+one bit per tile, so it overfits quickly; right-angle rotations and flips change neither whether
+a tile changed nor the relation between the dates, and overhead images have no preferred
+orientation. Nothing radiometric is applied: it could create or hide change between the dates.
 
 Reproducibility and resume: networks are initialised from the seed, the order of the tiles and
 their augmentation in epoch ``e`` depend only on (seed, e), and a checkpoint (``OUT.ckpt``,
@@ -27,20 +35,15 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from kdmsi_engine import __version__
 from kdmsi_engine.atomic import check_output
-from kdmsi_engine.device import cpu_supports_bf16, describe_device, resolve_device
+from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.errors import CancelledError, InputError, ModelFileError
-from kdmsi_engine.inference.maps import normalize_cam
 from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.backbones import BACKBONES
 from kdmsi_engine.models.kdmsi import MODEL_KIND, SiameseCAMNet, architecture, build_kdmsi_models
@@ -57,6 +60,16 @@ from kdmsi_engine.training.common import (
     set_poly_lr,
     set_rng_state,
 )
+from kdmsi_engine.training.losses import (  # noqa: F401 (re-exported)
+    PRECISIONS,
+    KDLosses,
+    kd_losses,
+    kd_target,
+    make_scaler,
+    resolve_precision,
+    train_step,
+    valid_cells,
+)
 from kdmsi_engine.training.samples import (
     DEFAULT_CACHE_BYTES,
     TileStore,
@@ -67,94 +80,6 @@ from kdmsi_engine.training.samples import (
 )
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: On CPUs with bf16, ``auto`` trains in float32: see the measurements in the README; bf16 was
-#: faster per step but its gradients are noisier (set precision="bf16" to use it).
-CPU_AUTO_PRECISION = "fp32"
-
-
-@dataclass
-class KDLosses:
-    """The terms of one KD-MSI step."""
-
-    total: Tensor
-    cls: Tensor
-    kd: Tensor
-    cam: Tensor
-    logit: Tensor
-
-
-def kd_target(g_teacher: Tensor, labels: Tensor) -> Tensor:
-    """The student's target: the teacher's normalised CAM times the tile label, detached."""
-    cam = normalize_cam(g_teacher.detach())
-    return cam * labels.float().view(-1, 1, 1, 1)
-
-
-def valid_cells(valid: Tensor | None, size: tuple[int, int]) -> Tensor | None:
-    """Valid mask (B,H,W) -> (B,1,h,w) float mask of cells with at least half valid pixels."""
-    if valid is None:
-        return None
-    fraction = F.adaptive_avg_pool2d(valid.float().unsqueeze(1), size)
-    return (fraction >= 0.5).float()
-
-
-def kd_losses(
-    teacher: nn.Module,
-    student: nn.Module,
-    before: Tensor,
-    after: Tensor,
-    labels: Tensor,
-    valid: Tensor | None = None,
-    *,
-    kd_weight: float = 10.0,
-) -> KDLosses:
-    """L = L_cls(teacher) + kd_weight * L_kd(student -> teacher CAM); see the module docstring.
-
-    Args:
-        teacher, student: :class:`~kdmsi_engine.models.kdmsi.SiameseCAMNet`.
-        before, after: (B,C,H,W) bands in [0,1].
-        labels: (B,) tile labels 0/1.
-        valid: (B,H,W) bool valid mask, or ``None`` (all valid).
-        kd_weight: lambda.
-    """
-    labels = labels.float().to(before.device)
-    g_t = teacher(before, after).float()
-    logit = g_t.mean(dim=(1, 2, 3))
-    loss_cls = F.binary_cross_entropy_with_logits(logit, labels)
-    cam = kd_target(g_t, labels)
-    g_s = student(before, after).float()
-    diff2 = (torch.sigmoid(g_s) - cam) ** 2
-    mask = valid_cells(valid.to(before.device) if valid is not None else None, g_s.shape[-2:])
-    if mask is None:
-        loss_kd = diff2.mean()
-    else:
-        loss_kd = (diff2 * mask).sum() / mask.sum().clamp_min(1.0)
-    total = loss_cls + kd_weight * loss_kd
-    return KDLosses(total, loss_cls, loss_kd, cam, logit)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``fp16`` on CUDA (with a grad scaler), :data:`CPU_AUTO_PRECISION` on CPU."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else CPU_AUTO_PRECISION
-    if precision == "fp16" and device.type != "cuda":
-        raise InputError("fp16 training needs a CUDA device; use --precision bf16 or fp32 on CPU")
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        logger.warning("this CPU has no native bf16: bf16 training will be slow")
-    return precision
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str) -> Iterator[None]:
-    if precision == "fp32":
-        yield
-        return
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    with torch.autocast(device.type, dtype=dtype):
-        yield
 
 
 def _check_params(
@@ -411,7 +336,7 @@ def fit_kdmsi(
         weight_decay=weight_decay,
     )
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = make_scaler(precision)
     num = len(tset.tiles)
     steps_per_epoch = math.ceil(num / batch_size)
     total_steps = steps_per_epoch * int(epochs)
@@ -457,25 +382,20 @@ def fit_kdmsi(
                     before, after = before.to(torch_device), after.to(torch_device)
                     valid, labels = valid.to(torch_device), labels.to(torch_device)
                     base_lr = set_poly_lr(optimizer, lr, step, total_steps, power)
-                    optimizer.zero_grad(set_to_none=True)
-                    with _autocast(torch_device, precision):
-                        losses = kd_losses(
-                            teacher, student, before, after, labels, valid, kd_weight=kd_weight
-                        )
-                    if scaler is not None:
-                        scaler.scale(losses.total).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        losses.total.backward()
-                        optimizer.step()
+                    values = train_step(
+                        teacher,
+                        student,
+                        optimizer,
+                        before,
+                        after,
+                        labels,
+                        valid,
+                        kd_weight=kd_weight,
+                        precision=precision,
+                        scaler=scaler,
+                    )
                     step += 1
                     tiles_seen += len(indexes)
-                    values = {
-                        "loss": float(losses.total),
-                        "cls": float(losses.cls),
-                        "kd": float(losses.kd),
-                    }
                     for key, value in values.items():
                         sums[key] += value * len(indexes)
                     if not math.isfinite(values["loss"]):

@@ -344,7 +344,7 @@ def folder_training_set(
         roots: one dataset folder or several.
         names: only the pairs with these names (e.g. a city list), in every root.
     """
-    from kdmsi_engine.data.folder import find_pairs, mask_tile_labels, open_folder_pair
+    from kdmsi_engine.data.folder import find_pairs, mask_tile_labels
     from kdmsi_engine.data.tiling import make_tile_grid
 
     tile_size = _check_tile_size(tile_size)
@@ -362,7 +362,7 @@ def folder_training_set(
                 logger.info("skipping %s: no label mask", pair.name)
                 continue
             name = pair.name if len(root_list) == 1 else f"{root.name}/{pair.name}"
-            with open_folder_pair(pair, bands=bands) as scene:
+            with open_pair_on_own_grid(pair, bands=bands) as scene:
                 try:
                     grid = make_tile_grid(scene, tile_size, min_valid_fraction=min_valid_fraction)
                 except GridError as exc:
@@ -379,7 +379,7 @@ def folder_training_set(
             def _open(
                 pair: Any = pair, scene_bands: tuple[int, ...] = scene_bands, scaling: Any = scaling
             ) -> Any:
-                return open_folder_pair(pair, bands=scene_bands, scaling=scaling)
+                return open_pair_on_own_grid(pair, bands=scene_bands, scaling=scaling)
 
             scenes.append(
                 SceneSource(
@@ -410,6 +410,27 @@ def folder_training_set(
         band_sets,
         scalings,
         {"source": "dataset", "dataset": [str(r.absolute()) for r in root_list]},
+    )
+
+
+def open_pair_on_own_grid(pair: Any, *, bands: object = None, scaling: Any = None) -> Any:
+    """Open a folder-dataset pair on its before image's own pixel grid.
+
+    The change masks of a folder dataset are read in their files' pixel grid, which is the
+    before image's; a georeferenced pair (OSCD, in degrees) would otherwise be warped to UTM and
+    its tiles would no longer line up with the masks. Plain images open as they are.
+    """
+    import rasterio
+
+    from kdmsi_engine.data.folder import open_folder_pair
+    from kdmsi_engine.data.scene import ScenePair
+
+    with rasterio.open(pair.before) as ds:
+        crs = ds.crs
+    if crs is None:
+        return open_folder_pair(pair, bands=bands, scaling=scaling)
+    return ScenePair.open(
+        pair.before, pair.after, bands=bands, scaling=scaling, target_crs=crs, name=pair.name
     )
 
 

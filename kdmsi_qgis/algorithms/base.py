@@ -250,7 +250,39 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
         )
         return [before, after]
 
+    def prepareAlgorithm(  # noqa: N802 (QGIS API)
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> bool:
+        """Runs in the main thread: export a weak-label layer that is not a file here, since
+        project layers (memory layers included) belong to the main thread."""
+        self._labels_args: list[str] | None = None
+        self._labels_error = ""
+        if self.parameterDefinition(self.LABELS) is not None:
+            try:
+                self._labels_args = self._resolve_labels(parameters, context, feedback)
+            except QgsProcessingException as exc:
+                # raised again from processAlgorithm, so that callers get the message itself
+                self._labels_error = str(exc)
+        return True
+
     def labels_arguments(
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> list[str]:
+        """``--labels FILE --label-field NAME`` (resolved in :meth:`prepareAlgorithm`)."""
+        if getattr(self, "_labels_error", ""):
+            raise QgsProcessingException(self._labels_error)
+        prepared = getattr(self, "_labels_args", None)
+        if prepared is not None:
+            return prepared
+        return self._resolve_labels(parameters, context, feedback)
+
+    def _resolve_labels(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,

@@ -68,8 +68,8 @@ def assert_refused(
     assert lines[0].startswith(f"kdmsi {command}: error: "), lines[0]
     assert re.search(message, lines[0]), f"{message!r} not in {lines[0]!r}"
     events = run.events
-    if not (events == [] and ": error: argument " in lines[0]):  # usage errors: argparse, no JSON
-        assert events and events[-1]["event"] == "error", run.out[-500:]
+    assert events and events[-1]["event"] == "error", run.out[-500:]
+    assert events[-1]["message"] in lines[0]
     after = {str(folder): listing(folder) for folder in watch}
     assert after == before, f"files changed: {before} -> {after}"
     return run

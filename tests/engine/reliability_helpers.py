@@ -77,3 +77,92 @@ def copy_raster(source: Path, target: Path, **changes: object) -> Path:
     with rasterio.open(target, "w", **profile) as dst:
         dst.write(data)
     return target
+
+
+def scene_scaling(before: Path, after: Path, bands: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """The band scaling the engine computes for a real pair (as stored in model files)."""
+    from kdmsi_engine.data.scene import ScenePair
+
+    with ScenePair.open(before, after, bands=bands) as scene:
+        return scene.scaling.to_dict()
+
+
+def make_kdmsi_model(
+    path: Path,
+    scaling: dict,
+    *,
+    bands: tuple[int, ...] = (1, 2, 3),
+    backbone: str = "efficientnet-lite0",
+    tile_size: int = 64,
+) -> Path:
+    """An untrained KD-MSI model file as ``kdmsi train`` writes it (for refusal tests)."""
+    import torch
+
+    from kdmsi_engine.modelfile import save_model
+    from kdmsi_engine.models.kdmsi import MODEL_KIND, build_kdmsi_models
+
+    torch.manual_seed(0)
+    architecture = {
+        "backbone": backbone,
+        "in_channels": len(bands),
+        "teacher_combination": "diff",
+        "student_combination": "diff",
+    }
+    teacher, student = build_kdmsi_models({"architecture": architecture})
+    metadata = {
+        "kind": MODEL_KIND,
+        "architecture": architecture,
+        "bands": list(bands),
+        "scaling": scaling,
+        "tile_size": tile_size,
+    }
+    tensors = {"teacher": teacher.state_dict(), "student": student.state_dict()}
+    return save_model(path, metadata, tensors)
+
+
+def make_detector_model(
+    path: Path,
+    scaling: dict,
+    *,
+    bands: tuple[int, ...] = (1, 2, 3),
+    backbone: str = "efficientnet-lite0",
+    tile_size: int = 64,
+) -> Path:
+    """An untrained detector model file as ``kdmsi train-detector`` writes it."""
+    import torch
+
+    from kdmsi_engine.modelfile import save_model
+    from kdmsi_engine.models.deeplab import DETECTOR_KIND, architecture_dict, build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(backbone, in_channels=len(bands))
+    metadata = {
+        "kind": DETECTOR_KIND,
+        "architecture": architecture_dict(backbone, len(bands)),
+        "bands": list(bands),
+        "scaling": scaling,
+        "scalings": {},
+        "tile_size": tile_size,
+        "backbone_weights": "none",
+        "training": {},
+    }
+    return save_model(path, metadata, {"detector": model.state_dict()})
+
+
+def cached_models(base: Path, before: Path, after: Path) -> dict[str, Path]:
+    """KD-MSI and detector model files for the Taizhou pair, built once per test session.
+
+    ``base`` is pytest's session temp folder (``tmp_path_factory.getbasetemp()``), shared by
+    every module that asks.
+    """
+    folder = base / "reliability-models"
+    paths = {"kdmsi": folder / "kdmsi.kdmsi", "detector": folder / "detector.kdmsi"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    folder.mkdir(exist_ok=True)
+    scaling = scene_scaling(before, after)
+    if not paths["kdmsi"].is_file():
+        make_kdmsi_model(paths["kdmsi"], scaling)
+    if not paths["detector"].is_file():
+        make_detector_model(paths["detector"], scaling)
+    return paths

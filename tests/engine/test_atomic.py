@@ -240,13 +240,6 @@ def test_sigkill_while_writing_keeps_earlier_output(tmp_path: Path) -> None:
     assert leftovers[0].stat().st_size == 100000
 
 
-_PENDING_DISK_FULL = pytest.mark.xfail(
-    reason="pending lead: atomic_output misses GDAL/SQLite disk-full (requests-lead.md 01:26)",
-    strict=False,
-)
-
-
-@_PENDING_DISK_FULL
 def test_disk_full_gdal_geotiff(tmp_path: Path) -> None:
     """GDAL reports ENOSPC at close without raising: the truncated GeoTIFF must not be renamed."""
     import numpy as np
@@ -275,7 +268,6 @@ def test_disk_full_gdal_geotiff(tmp_path: Path) -> None:
         assert list(small.iterdir()) == []
 
 
-@_PENDING_DISK_FULL
 def test_disk_full_gdal_geopackage(tmp_path: Path) -> None:
     """SQLite's 'database or disk is full' arrives as a RuntimeError from fiona."""
     import geopandas as gpd

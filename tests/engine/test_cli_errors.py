@@ -117,7 +117,18 @@ def test_rasters_do_not_overlap(landsat, out, capfd) -> None:  # type: ignore[no
     assert_refused(args, capfd, "do not overlap", watch=[out])
 
 
-@pytest.mark.parametrize("bands", ["1,2,9", "0,1,2", "7", "-1,2,3", "a,b", "1,1,2", "2,7"])
+@pytest.mark.parametrize(
+    "bands",
+    [
+        "1,2,9",
+        "0,1,2",
+        "7",
+        "-1,2,3",
+        "a,b",
+        "1,1,2",
+        "2,7",
+    ],
+)
 def test_band_index_out_of_range(pair, out, capfd, bands: str) -> None:  # type: ignore[no-untyped-def]
     assert_refused(grid(*pair, out, "--bands", bands), capfd, "(?i)band", watch=[out])
 
@@ -184,10 +195,6 @@ def test_grid_output_wrong_extension(pair, out, capfd) -> None:  # type: ignore[
     assert_refused(args, capfd, r"\.gpkg", watch=[out])
 
 
-@pytest.mark.xfail(
-    reason="pending lead: GDAL/SQLite disk-full not turned into OutputError (requests-lead.md)",
-    strict=False,
-)
 def test_grid_disk_full(pair, tmp_path, capfd) -> None:  # type: ignore[no-untyped-def]
     with tmpfs(tmp_path, size_kib=48) as small:
         if small is None:
@@ -266,10 +273,6 @@ def test_label_file_without_crs(pair, out, inputs, capfd) -> None:  # type: igno
     assert_refused(args, capfd, "(?i)no crs", watch=[out])
 
 
-@pytest.mark.xfail(
-    reason="pending lead: fiona's 'ERROR fiona._env: ...' log line precedes the error on stderr",
-    strict=False,
-)
 def test_label_file_not_vector(pair, out, inputs, capfd) -> None:  # type: ignore[no-untyped-def]
     path = inputs / "labels.gpkg"
     path.write_bytes(b"not a geopackage")

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from rasterio.crs import CRS
 
-from kdmsi_engine.data.labels import read_weak_labels
+from kdmsi_engine.data.labels import assign_tile_labels, read_weak_labels
 from kdmsi_engine.data.manifest import read_manifest
 from kdmsi_engine.errors import KdmsiError, LabelError, ManifestError
 
@@ -160,6 +160,30 @@ def _check_result(frame, field: str = "change") -> None:  # type: ignore[no-unty
     assert frame.geometry.notna().all() and not frame.geometry.is_empty.any()
     left, bottom, right, top = SCENE_BOUNDS
     assert frame.geometry.intersects(_box(left, bottom, right, top)).any()
+    # What the jobs do next with checked labels: the touching rule over the scene's tiles.
+    tiles = _tiles()
+    labels = assign_tile_labels(tiles, frame, field=field)
+    assert labels.shape == (len(tiles),) and set(labels.tolist()) <= {-1, 0, 1}
+    assert (labels != -1).any(), "a feature inside the scene labels at least one tile"
+
+
+_TILES: list = []
+
+
+def _tiles():  # type: ignore[no-untyped-def]
+    """The 64 px tile grid of the Taizhou scene (built once: 7 x 7 tiles of 1920 m)."""
+    if not _TILES:
+        import geopandas as gpd
+
+        size = 64 * 30.0
+        left, bottom, right, top = SCENE_BOUNDS
+        xs = [min(left + i * size, right - size) for i in range(7)]
+        ys = [max(top - (j + 1) * size, bottom) for j in range(7)]
+        boxes = [_box(x, y, x + size, y + size) for y in ys for x in xs]
+        _TILES.append(
+            gpd.GeoDataFrame({"tile_id": range(len(boxes))}, geometry=boxes, crs=SCENE_CRS)
+        )
+    return _TILES[0]
 
 
 def _box(left: float, bottom: float, right: float, top: float):  # type: ignore[no-untyped-def]

@@ -55,7 +55,9 @@ def _pair(size: tuple[int, int] = (64, 96)) -> tuple[torch.Tensor, torch.Tensor]
     return before, after
 
 
-def _reference_msi(net: nn.Module, before: torch.Tensor, after: torch.Tensor, scales) -> torch.Tensor:
+def _reference_msi(
+    net: nn.Module, before: torch.Tensor, after: torch.Tensor, scales
+) -> torch.Tensor:
     """The paper's formula written out, one image and one flip at a time."""
     size = before.shape[-2:]
     out = []
@@ -130,13 +132,17 @@ def test_mi_differs_from_msi_as_the_paper_says() -> None:
     # A tile where the student is sure of "no change" everywhere: MSI keeps its low
     # probability, MI (ReLU then max normalisation) gives exactly zero.
     sure = FixedG([-3.0, -3.0])
-    assert torch.allclose(msi_map(sure, before, after, amp=False), torch.sigmoid(torch.tensor(-3.0)))
+    assert torch.allclose(
+        msi_map(sure, before, after, amp=False), torch.sigmoid(torch.tensor(-3.0))
+    )
     assert torch.count_nonzero(mi_map(sure, before, after, amp=False)) == 0
     # A tile with a weak, uniform positive response: MI normalises it to 1 everywhere (any
     # tile's strongest response becomes "certain change"), MSI keeps it near 0.5.
     weak = FixedG([0.05, 0.05])
     assert torch.allclose(mi_map(weak, before, after, amp=False), torch.ones(2, 64, 96))
-    assert torch.allclose(msi_map(weak, before, after, amp=False), torch.sigmoid(torch.tensor(0.05)))
+    assert torch.allclose(
+        msi_map(weak, before, after, amp=False), torch.sigmoid(torch.tensor(0.05))
+    )
     # On a real map both rank pixels alike inside a tile but differ in values.
     net = PoolNet()
     mi = mi_map(net, before, after, amp=False)

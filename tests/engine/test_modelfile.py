@@ -156,6 +156,7 @@ def test_altered_metadata_refused(tmp_path: Path) -> None:
         load_model(path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_every_altered_byte_refused_or_harmless(tmp_path: Path) -> None:
     """Flip one bit at a time across the file: refused, or (zip padding, names, the central
     directory) loaded with exactly the original metadata and weights. Never anything else."""
@@ -306,9 +307,9 @@ def _meta_payload(meta_json: str) -> dict:
         ("kdmsi-model", "not a KD-MSI model file"),
         (_with(format="other"), "not a KD-MSI model file"),
         (_with(format=_DROP), "not a KD-MSI model file"),
-        (_with(format_version=2), "format version 2"),
+        (_with(format_version=2), "format version '?2"),
         (_with(format_version="1"), "format version"),
-        (_with(format_version=_DROP), "format version None"),
+        (_with(format_version=_DROP), "format version"),
         (_with(metadata_json=_DROP), "missing its metadata"),
         (_with(metadata_json={"kind": "kdmsi"}), "missing its metadata"),
         (_with(tensors=_DROP), "missing its metadata or weights"),
@@ -329,6 +330,27 @@ def test_other_structures_refused(tmp_path: Path, payload: object, message: str)
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match=message) as info:
         load_model(path, expected_kind="kdmsi")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _with(format=torch.zeros(2)),
+        _with(format_version=torch.zeros(0)),
+        _with(format_version=torch.ones(2)),
+        _with(format_version=[torch.zeros(2, 1)]),
+        _with(checksum=torch.zeros(3)),
+        _with(extra=torch.zeros(3)),
+        _with(extra=[1, 2]),
+    ],
+)
+def test_tensor_valued_fields_refused(tmp_path: Path, payload: dict) -> None:
+    """Found by fuzzing: fields holding tensors, not strings/ints, are refused in one line."""
+    path = tmp_path / "crafted.kdmsi"
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
     assert "\n" not in str(info.value)
 
 

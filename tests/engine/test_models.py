@@ -169,7 +169,9 @@ def test_efficientnet_lite0_loads_packaged_imagenet_weights() -> None:
     bb = build_backbone("efficientnet-lite0", weights="imagenet")
     own = bb.encoder.state_dict()
     assert set(own) == {k for k in state if not k.startswith("_fc.")}
-    assert torch.equal(own["_blocks.11._depthwise_conv.weight"], state["_blocks.11._depthwise_conv.weight"])
+    assert torch.equal(
+        own["_blocks.11._depthwise_conv.weight"], state["_blocks.11._depthwise_conv.weight"]
+    )
     assert bb.low_channels == 24 and bb.high_channels == 1280
 
 
@@ -209,7 +211,10 @@ def test_normalize_input_imagenet_and_extra_bands() -> None:
 def test_siamese_combinations() -> None:
     torch.manual_seed(0)
     before, after = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
-    nets = {c: SiameseCAMNet(build_backbone("resnet18"), c).eval() for c in ("diff", "absdiff", "concat")}
+    nets = {
+        c: SiameseCAMNet(build_backbone("resnet18"), c).eval()
+        for c in ("diff", "absdiff", "concat")
+    }
     with torch.no_grad():
         g = {c: net(before, after) for c, net in nets.items()}
         swapped = {c: net(after, before) for c, net in nets.items()}

@@ -217,20 +217,7 @@ def test_cli_text_result(fake_cli, capfd: pytest.CaptureFixture[str]) -> None:  
     assert err == ""
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "json",
-        "none",
-        pytest.param(
-            "bar",
-            marks=pytest.mark.xfail(
-                reason="pending lead: error line glued to an open progress bar (requests-lead.md)",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["json", "none", "bar"])
 def test_cli_error_one_line(fake_cli, capfd, mode: str) -> None:  # type: ignore[no-untyped-def]
     fake_cli("input-error")
     assert cli.main(["fakejob", "--progress", mode]) == 2

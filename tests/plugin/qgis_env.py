@@ -123,7 +123,8 @@ sys.excepthook = _record_slot_error
 
 
 def tile_labels(label_path: str, tile: int) -> dict[tuple[int, int], int]:
-    """Weak tile labels from the sparse reference: 1 = changed samples, 0 = only unchanged."""
+    """Weak tile labels from the sparse reference: 1 = over 20 changed sample pixels,
+    0 = unchanged samples and at most 5 changed pixels; other tiles stay unlabelled."""
     from osgeo import gdal
 
     data = gdal.Open(label_path).ReadAsArray()
@@ -133,7 +134,7 @@ def tile_labels(label_path: str, tile: int) -> dict[tuple[int, int], int]:
             block = data[row : row + tile, col : col + tile]
             if (block == 1).sum() > 20:
                 labels[(row, col)] = 1
-            elif (block == 1).sum() == 0 and (block == 0).sum() > 20:
+            elif (block == 1).sum() <= 5 and (block == 0).sum() > 20:  # a speck is no change
                 labels[(row, col)] = 0
     return labels
 

@@ -39,6 +39,9 @@ def main() -> int:
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tile-size", type=int, default=64)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--panel", type=int, default=400, help="map panel size in pixels")
     args = parser.parse_args()
     start_qgis()
     import qgis.utils
@@ -49,6 +52,7 @@ def main() -> int:
         QgsMultiBandColorRenderer,
         QgsProject,
         QgsRasterLayer,
+        QgsRasterMinMaxOrigin,
         QgsVectorLayer,
     )
     from qgis.PyQt.QtCore import QSize
@@ -69,7 +73,8 @@ def main() -> int:
         renderer = QgsMultiBandColorRenderer(layer.dataProvider(), 3, 2, 1)
         layer.setRenderer(renderer)
         layer.setContrastEnhancement(
-            QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum
+            QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum,
+            QgsRasterMinMaxOrigin.Limits.CumulativeCut,
         )
     project.addMapLayers([before, after])
 
@@ -78,8 +83,8 @@ def main() -> int:
     dock.after_combo.setLayer(after)
     dock.output_widget.setFilePath(str(work))
     dock.tile_spin.setValue(args.tile_size)
-    dock.backbone_combo.setCurrentText("resnet18")
-    dock.weights_combo.setCurrentText("none")
+    dock.backbone_combo.setCurrentText(args.backbone)
+    dock.weights_combo.setCurrentText(args.weights)
     dock.epochs_spin.setValue(args.epochs)
     dock.device_combo.setCurrentText("cpu")
     dock.scales_edit.setText("0.5,1")
@@ -96,7 +101,9 @@ def main() -> int:
     press(dock.grid_button, 120)
     labels_path = str(work / "weak_labels.gpkg")
     make_weak_labels(
-        str(work / "labelling_grid.gpkg"), str(DATA / "label" / "taizhou.tif"), labels_path,
+        str(work / "labelling_grid.gpkg"),
+        str(DATA / "label" / "taizhou.tif"),
+        labels_path,
         args.tile_size,
     )
     labels = QgsVectorLayer(labels_path, "weak labels (analyst)", "ogr")
@@ -111,29 +118,40 @@ def main() -> int:
     group = project.layerTreeRoot().findGroup(dock.group_name())
     results = {node.layer().name(): node.layer() for node in group.findLayers()}
     print("group", group.name(), "holds", sorted(results))
-    settings = QgsMapSettings()
-    settings.setLayers(
-        [results.get("Change polygons"), results.get("Change probability"), after]
-    )
-    settings.setDestinationCrs(before.crs())
-    settings.setExtent(before.extent())
-    settings.setOutputSize(QSize(760, 760))
-    settings.setBackgroundColor(QColor("white"))
-    job = QgsMapRendererParallelJob(settings)
-    job.start()
-    job.waitForFinished()
-    map_image = job.renderedImage()
+    panels = [
+        ("Weak labels (1 red, 0 green)", [labels, after]),
+        ("KD-MSI: MSI change probability", [results.get("MSI change probability (KD-MSI)"), after]),
+        (
+            "Detector: change probability and polygons",
+            [results.get("Change polygons"), results.get("Change probability"), after],
+        ),
+    ]
+    images = []
+    for title, map_layers in panels:
+        settings = QgsMapSettings()
+        settings.setLayers([layer for layer in map_layers if layer is not None])
+        settings.setDestinationCrs(before.crs())
+        settings.setExtent(before.extent())
+        settings.setOutputSize(QSize(args.panel, args.panel))
+        settings.setBackgroundColor(QColor("white"))
+        job = QgsMapRendererParallelJob(settings)
+        job.start()
+        job.waitForFinished()
+        images.append((title, job.renderedImage()))
 
     dock.resize(420, 1000)
     dock.show()
     dock_image = dock.grab().toImage()
-    width = map_image.width() + dock_image.width() + 30
-    height = max(map_image.height(), dock_image.height()) + 20
+    width = 3 * (args.panel + 10) + dock_image.width() + 20
+    height = max(args.panel + 40, dock_image.height()) + 20
     canvas = QImage(width, height, QImage.Format.Format_ARGB32)
     canvas.fill(QColor("#f0f0f0"))
     painter = QPainter(canvas)
-    painter.drawImage(10, 10, map_image)
-    painter.drawImage(map_image.width() + 20, 10, dock_image)
+    for index, (title, image) in enumerate(images):
+        x = 10 + index * (args.panel + 10)
+        painter.drawText(x, 25, title)
+        painter.drawImage(x, 35, image)
+    painter.drawImage(3 * (args.panel + 10) + 10, 10, dock_image)
     painter.end()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(str(args.output))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def test_dock_creates_the_labelling_grid_without_blocking(dock, project_layers) 
     assert grid.isValid() and grid.crs().authid() == "EPSG:32651"
     assert grid.renderer().type() == "categorizedSymbol"  # styled from resources/styles
     assert dock.progress_bar.value() == 100
+    # the analyst labels the new grid next: the dock offers it as the weak-label layer
+    assert dock.labels_combo.currentLayer().id() == grid.id()
 
 
 def test_dock_reports_bad_input_in_the_log(dock) -> None:
@@ -101,11 +104,26 @@ def test_dock_reports_bad_input_in_the_log(dock) -> None:
         dock.output_widget.setFilePath(previous)
 
 
-def test_dock_checks_the_environment(dock) -> None:
-    result = run_step(dock, dock.env_button, 120)
+def test_menu_action_checks_the_environment(dock, iface) -> None:
+    (action,) = [
+        a for acts in iface.menus.values() for a in acts if a.text() == "Check environment"
+    ]
+    finished: list = []
+    dock.jobFinished.connect(finished.append)
+    try:
+        action.trigger()
+        assert dock.is_running() and not dock.env_button.isEnabled()
+        wait_for(lambda: bool(finished), 120)
+    finally:
+        dock.jobFinished.disconnect(finished.append)
+    result = finished[0]
     assert result.success, result.error
+    report = result.result
+    assert report["python"] == sys.executable and report["ok"], report
+    assert report["torch"].startswith("2.") and report["device"] == "cpu"
+    assert report["rasterio"] and report["gdal"].startswith("3.")
     text = dock.log_view.toPlainText()
-    assert "torch: 2." in text and "Device:" in text and "GPU:" in text
+    assert "torch: 2." in text and "Device: cpu" in text and "GPU:" in text
 
 
 def test_dock_cancel_stops_training(dock) -> None:
@@ -124,12 +142,15 @@ def test_dock_cancel_stops_training(dock) -> None:
         dock.epochs_spin.setValue(1)
     result = finished[0]
     assert result.cancelled and not result.success
-    model = Path(dock.output_widget.filePath()) / "kdmsi_model.kdmsi"
-    assert not model.exists()
+    folder = Path(dock.output_widget.filePath()) / "training"
+    assert not (folder / "student.kdmsi").exists()
+    assert [p.name for p in folder.iterdir() if "ckpt" not in p.name] == []
     assert dock.train_button.isEnabled()
 
 
-def test_dock_run_all_puts_styled_results_in_one_group(dock) -> None:
+def test_dock_run_all_puts_styled_results_in_one_group(dock, project_layers) -> None:
+    dock.labels_combo.setLayer(project_layers["labels"])
+    dock.field_combo.setField("change")
     result = run_step(dock, dock.run_button, 400)
     assert result.success, result.error
     layers = group_layers("KD-MSI: taizhou 2000")
@@ -138,3 +159,26 @@ def test_dock_run_all_puts_styled_results_in_one_group(dock) -> None:
         assert layers[name].isValid() and layers[name].crs().authid() == "EPSG:32651"
     assert layers["Change probability"].renderer().type() == "singlebandpseudocolor"
     assert layers["Change"].renderer().type() == "paletted"
+    assert "MSI change probability (KD-MSI)" in layers and "Pseudo labels" in layers
+    names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
+    assert (
+        names.index("Change polygons") < names.index("Change") < names.index("Change probability")
+    )
+
+
+def test_dock_detects_with_the_detector_of_the_run(dock) -> None:
+    model = Path(dock.model_widget.filePath())
+    assert model.name == "detector.kdmsi" and model.is_file()  # set by Run all
+    result = run_step(dock, dock.detect_button, 200)
+    assert result.success, result.error
+    assert Path(result.result["change"]).parent.name == "detection"
+    layers = group_layers("KD-MSI: taizhou 2000")
+    assert Path(layers["Change"].source()).parent.name == "detection"  # replaced, not doubled
+    names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
+    assert names.count("Change") == 1
+
+
+def _group(name: str):
+    from qgis.core import QgsProject
+
+    return QgsProject.instance().layerTreeRoot().findGroup(name)

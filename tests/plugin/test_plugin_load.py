@@ -94,3 +94,18 @@ def test_plugin_never_imports_torch(plugins_dir: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_unload_removes_everything_and_initgui_restores_it(plugin, iface) -> None:
+    from qgis.core import QgsApplication
+
+    registry = QgsApplication.processingRegistry()
+    plugin.unload()
+    try:
+        assert registry.providerById("kdmsi") is None
+        assert not [a for group in iface.menus.values() for a in group]
+        assert plugin.dock is None
+    finally:
+        plugin.initGui()
+    assert registry.providerById("kdmsi") is not None
+    assert len(registry.providerById("kdmsi").algorithms()) == 9

@@ -1,0 +1,71 @@
+"""``kdmsi env``: what the environment has, and the exact command for what is missing."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+from kdmsi_engine.cli import env as env_cli
+from kdmsi_engine.cli import main
+
+
+def test_env_json_reports_python_torch_device_and_gdal(capsys) -> None:
+    assert main(["env", "--progress", "json", "--device", "cpu"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "result"
+    report = events[-1]["data"]
+    assert report["python"] == sys.executable
+    assert report["torch"].split("+")[0].count(".") == 2
+    assert report["device"] == "cpu" and report["gpu_name"] is None
+    assert report["gdal"].startswith("3.") and report["rasterio"] != "missing"
+    assert report["ok"] is True and report["missing"] == []
+
+
+def test_env_names_the_install_command_for_a_missing_package(monkeypatch) -> None:
+    real_import = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "torch":
+            raise ModuleNotFoundError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(env_cli.importlib, "import_module", fake_import)
+    report = env_cli.environment_report("auto")
+    assert report["ok"] is False and report["torch"] == "missing"
+    (torch,) = [m for m in report["missing"] if m["package"] == "torch"]
+    assert torch["required"] == "yes"
+    assert torch["command"].startswith(f'"{sys.executable}" -m pip install "torch"')
+    assert "torch" in report["summary"] and "pip install" in report["summary"]
+    assert report["device_description"] == "none (torch is missing)"
+
+
+def test_env_reports_an_unavailable_device_without_failing() -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    report = env_cli.environment_report("cuda:0")
+    assert report["ok"] is False and "cuda" in report["device_error"].lower()
+
+
+def test_env_runs_standalone_without_the_other_commands() -> None:
+    """``python -m kdmsi_engine.cli.env`` must not import the other sub-commands (their
+    dependencies may be the very thing that is missing)."""
+    import subprocess
+
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['kdmsi env', '--progress', 'json', '--device', 'cpu']\n"
+        "try:\n"
+        "    runpy.run_module('kdmsi_engine.cli.env', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0\n"
+        "others = [m for m in sys.modules if m.startswith('kdmsi_engine.cli.')]\n"
+        "assert others in ([], ['kdmsi_engine.cli.env']), others\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])["data"]
+    assert report["device"] == "cpu" and report["python"] == sys.executable

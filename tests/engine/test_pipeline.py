@@ -1,0 +1,85 @@
+"""``kdmsi run``: the whole chain on a small real scene; run.json content; refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import rasterio
+from detect_testutils import crop_sample, tiny_config
+from rasterio.windows import Window
+
+from kdmsi_engine.errors import OutputError
+from kdmsi_engine.pipeline import run_scene
+
+FILES = (
+    "student.kdmsi", "msi_probability.tif", "pseudo_labels.tif", "detector.kdmsi",
+    "change_probability.tif", "change.tif", "changes.gpkg", "run.json",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    scene = crop_sample(tmp_path_factory.mktemp("scene"), Window(150, 200, 96, 96))
+    out = tmp_path_factory.mktemp("run") / "out"
+    record = run_scene(
+        scene["before"], scene["after"], scene["labels"], out, config=tiny_config(),
+        truth=scene["truth"], name="crop", device="cpu",
+    )  # fmt: skip
+    return scene, out, record
+
+
+def test_every_stage_writes_its_file_on_the_scene_grid(run):
+    scene, out, _ = run
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    with rasterio.open(scene["before"]) as ref:
+        grid = (ref.crs, ref.transform, ref.width, ref.height)
+    for name in (
+        "msi_probability.tif",
+        "pseudo_labels.tif",
+        "change_probability.tif",
+        "change.tif",
+    ):
+        with rasterio.open(out / name) as ds:
+            assert (ds.crs, ds.transform, ds.width, ds.height) == grid, name
+
+
+def test_run_record(run):
+    scene, out, record = run
+    saved = json.loads((out / "run.json").read_text())
+    assert saved == json.loads(json.dumps(record, default=str))
+    assert saved["job"] == "run" and saved["status"] == "complete" and saved["scene"] == "crop"
+    assert saved["inputs"]["labels"] == str(scene["labels"].absolute())
+    assert saved["inputs"]["truth"] == str(scene["truth"].absolute())
+    assert saved["parameters"]["kd_backbone"] == "resnet18"
+    assert saved["parameters"]["detector_epochs"] == 1
+    for key in ("kd_s", "msi_s", "pseudo_s", "detector_s", "detect_s", "metrics_s", "total_s"):
+        assert saved["timings"][key] >= 0, key
+    assert set(saved["stages"]) == {"kd", "msi", "pseudo", "detector", "detect"}
+    assert saved["stages"]["detector"]["tiles"] > 0
+    assert isinstance(saved["stages"]["pseudo"]["threshold"], float)
+    for lib in ("torch", "rasterio", "gdal", "numpy", "shapely", "python"):
+        assert saved["versions"][lib], lib
+    assert saved["device"].startswith("cpu")
+    assert saved["grid"]["crs"] == "EPSG:32651" and saved["grid"]["width"] == 96
+    metrics = saved["metrics"]
+    for stage in ("change", "change_probability", "msi_probability", "pseudo_labels"):
+        m = metrics[stage]
+        assert 0 <= m["iou"] <= 1 and 0 <= m["oa"] <= 1
+        assert m["iou"] + m["fp_share"] + m["fn_share"] == pytest.approx(1) or m["iou"] == 0
+    with rasterio.open(scene["truth"]) as ds:
+        labelled = int((ds.read(1) != 255).sum())
+    assert metrics["change"]["pixels"] == labelled
+    assert Path(saved["outputs"]["changes"]) == out / "changes.gpkg"
+
+
+def test_existing_outputs_refused_before_any_work(run):
+    scene, out, _ = run
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(OutputError):
+        run_scene(
+            scene["before"], scene["after"], scene["labels"], out, config=tiny_config(),
+            device="cpu",
+        )  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
