@@ -108,10 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda:N")
     parser.add_argument("--fast", action="store_true", help="1 epoch per stage (smoke test)")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+
+    import torch
 
     from kdmsi_engine.cli import main as kdmsi_main
     from kdmsi_engine.tools.quicklook import make_quicklook
+
+    # One thread: the run is then reproducible (the thread count changes the order of float
+    # sums, and a training this short is sensitive to it); on 2 cores it costs about 2x time,
+    # still well under the 10 minutes budget (about 150 s of CPU in all).
+    torch.set_num_threads(args.threads)
 
     out_dir = args.out.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -238,6 +238,37 @@ def test_sigkill_while_writing_keeps_earlier_output(tmp_path: Path) -> None:
     leftovers = partial_files(tmp_path)
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".")
     assert leftovers[0].stat().st_size == 100000
+    # The next write of the same output removes what the killed writer left behind.
+    write_text_atomic(target, "new", overwrite=True)
+    assert target.read_text() == "new"
+    assert partial_files(tmp_path) == []
+
+
+def test_stale_partials_of_live_or_other_writers_kept(tmp_path: Path) -> None:
+    """Only partials of dead writers on this host are removed; others may be in progress."""
+    import socket
+
+    target = tmp_path / "change.tif"
+    own = partial_path(target)  # this (live) process
+    own.write_bytes(b"in progress")
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    other_host = tmp_path / f".change{PARTIAL_MARK}another-machine-1-abcdef.tif"
+    other_host.write_bytes(b"written over the network")
+    dead = tmp_path / f".change{PARTIAL_MARK}{host}-{_dead_pid()}-abcdef.tif"
+    dead.write_bytes(b"left by a killed job")
+    Path(f"{dead}.aux.xml").write_text("<x/>")
+    unrelated = tmp_path / f".change_probability{PARTIAL_MARK}{host}-{_dead_pid()}-abcdef.tif"
+    unrelated.write_bytes(b"another output's partial")
+    write_text_atomic(target, "done")
+    assert own.exists() and other_host.exists() and unrelated.exists()
+    assert not dead.exists() and not Path(f"{dead}.aux.xml").exists()
+
+
+def _dead_pid() -> int:
+    """A process id that is not running (a child that has exited and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: S603
+    proc.wait()
+    return proc.pid
 
 
 def test_disk_full_gdal_geotiff(tmp_path: Path) -> None:
