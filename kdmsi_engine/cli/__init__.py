@@ -13,6 +13,7 @@ ends with exit status 2 and one line on stderr that says what is wrong and what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -88,7 +89,7 @@ class _GdalNoise(logging.Filter):
 
 def _limit_gdal_cache() -> None:
     """Cap GDAL's block cache (5 % of RAM by default) so long runs over huge rasters stay small."""
-    os.environ.setdefault("GDAL_CACHEMAX", "256")
+    os.environ.setdefault("GDAL_CACHEMAX", "128")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +112,24 @@ def _print_result(result: dict[str, Any]) -> None:
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)
         print(f"{key}: {value}")
+
+
+def _gdal_env() -> Any:
+    """GDAL settings for the whole job: the block-cache cap applies even after GDAL started.
+
+    Without it, decoded blocks fill GDAL's default cache (5 % of RAM) and peak memory grows
+    with the scene (measured: ``detect`` +55 % from 2048 to 8192 px). ``kdmsi env`` must run
+    where rasterio is missing, so rasterio is optional here.
+    """
+    try:
+        import rasterio
+    except ImportError:
+        return contextlib.nullcontext()
+    try:
+        megabytes = int(os.environ.get("GDAL_CACHEMAX", "128"))
+    except ValueError:
+        megabytes = 128
+    return rasterio.Env(GDAL_CACHEMAX=megabytes * 2**20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         reporter = None
     progress = Progress(reporter, cancel)
     try:
-        result = args.handler(args, progress)
+        with _gdal_env():
+            result = args.handler(args, progress)
     except KeyboardInterrupt:
         return _fail(args, reporter, CancelledError("cancelled by the user; nothing was written"))
     except KdmsiError as exc:

@@ -7,17 +7,23 @@ derived from them (1 if the tile has a change pixel, else 0), for benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from kdmsi_engine.data.grid import Grid
 from kdmsi_engine.data.raster import open_raster
 from kdmsi_engine.data.scaling import BandScaling
 from kdmsi_engine.data.scene import ScenePair
@@ -116,13 +122,42 @@ def _open_mask(pair: FolderPair) -> rasterio.DatasetReader:
     return open_raster(pair.label, what="change mask")
 
 
-def read_mask(pair: FolderPair, window: Window) -> np.ndarray:
-    """uint8 ``(h, w)`` change mask (1 where the label is > 0) of a pixel window, 0 outside."""
+@contextlib.contextmanager
+def _mask_on_grid(pair: FolderPair, grid: Grid | None) -> Iterator[Any]:
+    """The change mask, warped (nearest) onto ``grid`` when both are georeferenced.
+
+    A georeferenced pair (OSCD) opens on its UTM grid, while its mask file keeps the source
+    grid: pixel windows of the scene only match the mask after this warp. Plain images (PNG)
+    share one pixel grid and are read as they are.
+    """
     with _open_mask(pair) as ds:
+        if grid is None or grid.crs is None or ds.crs is None:
+            yield ds
+            return
+        with WarpedVRT(
+            ds,
+            crs=grid.crs,
+            transform=grid.transform,
+            width=grid.width,
+            height=grid.height,
+            resampling=Resampling.nearest,
+        ) as vrt:
+            yield vrt
+
+
+def read_mask(pair: FolderPair, window: Window, grid: Grid | None = None) -> np.ndarray:
+    """uint8 ``(h, w)`` change mask (1 where the label is > 0) of a pixel window, 0 outside.
+
+    Args:
+        pair: the folder pair.
+        window: pixel window on ``grid`` (the scene's grid from :func:`open_folder_pair`).
+        grid: the scene grid; needed for georeferenced pairs, whose scene grid is warped.
+    """
+    with _mask_on_grid(pair, grid) as ds:
         return _read_mask(ds, window)
 
 
-def _read_mask(ds: rasterio.DatasetReader, window: Window) -> np.ndarray:
+def _read_mask(ds: Any, window: Window) -> np.ndarray:
     h, w = int(window.height), int(window.width)
     out = np.zeros((h, w), dtype=np.uint8)
     r0, c0 = int(window.row_off), int(window.col_off)
@@ -134,10 +169,15 @@ def _read_mask(ds: rasterio.DatasetReader, window: Window) -> np.ndarray:
     return out
 
 
-def mask_tile_labels(pair: FolderPair, tiles: gpd.GeoDataFrame) -> np.ndarray:
-    """int8 per tile: 1 if the tile's mask has any change pixel, else 0."""
+def mask_tile_labels(
+    pair: FolderPair, tiles: gpd.GeoDataFrame, grid: Grid | None = None
+) -> np.ndarray:
+    """int8 per tile: 1 if the tile's mask has any change pixel, else 0.
+
+    ``grid`` is the scene grid the tiles were cut from (see :func:`read_mask`).
+    """
     labels = np.zeros(len(tiles), dtype=np.int8)
-    with _open_mask(pair) as ds:
+    with _mask_on_grid(pair, grid) as ds:
         for i, (_, row) in enumerate(tiles.iterrows()):
             labels[i] = 1 if _read_mask(ds, tile_window(row)).any() else 0
     return labels
@@ -172,7 +212,8 @@ def dataset_tiles(
                 tiles = make_tile_grid(scene, tile_size, overlap, min_valid_fraction, progress)
             except GridError as exc:
                 raise GridError(f"pair {pair.name}: {exc}") from exc
-        tiles["label"] = mask_tile_labels(pair, tiles)
+            grid = scene.grid
+        tiles["label"] = mask_tile_labels(pair, tiles, grid)
         tiles.insert(0, "scene", pair.name)
         frames.append(tiles)
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=None)

@@ -16,8 +16,8 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    one-scale inference *with* a flip). Convolutions are linear in pixels, so the FLOP ratio sits
    at the floor; the table shows how close the measured time ratio comes.
 3. **Memory** (issue 6): peak RSS of ``kdmsi infer``, ``kdmsi detect`` (random-weight
-   efficientnet-lite0 DeepLabV3+, ``--scales 0.25``) and ``kdmsi vectorize`` (of infer's map
-   thresholded at 0.5) on a 2048 x 2048 and an 8192 x 8192 scene, VRTs repeating the real
+   efficientnet-lite0 DeepLabV3+, ``--scales 0.25``, ``--threshold 0.50006``) and ``kdmsi
+   vectorize`` (of detect's sparse change raster) on a 2048 x 2048 and an 8192 x 8192 scene, VRTs repeating the real
    Landsat Taizhou pair (A as before, B as after), each job in its own subprocess, its peak
    RSS read with ``os.wait4``.
    Same settings for both sizes: a random-weight efficientnet-lite0 model, 256 px windows,
@@ -419,7 +419,12 @@ def _detector_model(work: Path) -> Path | None:
 def _other_jobs(
     work: Path, size: int, before: Path, after: Path, prob: Path, env: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """``detect`` and ``vectorize`` with the same window settings, when DETECT's code exists."""
+    """``detect`` and ``vectorize`` with the same window settings, when DETECT's code exists.
+
+    A random-weight detector gives probabilities of 0.5000x everywhere; ``--threshold 0.50006``
+    (about the 99.9th percentile) turns them into a sparse, speckled change raster, a hard case
+    for ``vectorize`` (many small polygons), instead of one scene-sized polygon.
+    """
     import importlib
 
     rows: list[dict[str, Any]] = []
@@ -429,7 +434,8 @@ def _other_jobs(
             sys.executable, "-m", "kdmsi_engine", "detect", str(before), str(after),
             "--model", str(detector), "-o", str(work / f"detect-{size}"),
             "--tile-size", str(TILE), "--overlap", "32", "--batch-size", "4",
-            "--scales", "0.25", "--device", "cpu", "--progress", "none", "--overwrite",
+            "--scales", "0.25", "--threshold", "0.50006", "--device", "cpu", "--progress", "none",
+            "--overwrite",
         ]  # fmt: skip
         result = run_measured(args, env)
         rows.append({"job": "detect", "size": size, **_strip(result)})
@@ -438,12 +444,15 @@ def _other_jobs(
         importlib.import_module("kdmsi_engine.vectorize")
     except ImportError:
         return rows
-    if not prob.exists():
-        return rows
-    from kdmsi_engine.rasterio_out import write_uint8_classes
+    # the detector's sparse change raster (see the threshold above), else infer's map at 0.5
+    classes = work / f"detect-{size}" / "change.tif"
+    if not classes.exists():
+        if not prob.exists():
+            return rows
+        from kdmsi_engine.rasterio_out import write_uint8_classes
 
-    classes = work / f"change-{size}.tif"
-    write_uint8_classes(prob, classes, 0.5, overwrite=True)
+        classes = work / f"change-{size}.tif"
+        write_uint8_classes(prob, classes, 0.5, overwrite=True)
     args = [
         sys.executable, "-m", "kdmsi_engine", "vectorize", str(classes), "-o",
         str(work / f"changes-{size}.gpkg"), "--progress", "none", "--overwrite",

@@ -99,7 +99,8 @@ def _tile_labels(pair: Any, tile_size: int) -> Any:
 
     with open_folder_pair(pair) as scene:
         tiles = make_tile_grid(scene, tile_size)
-    tiles["label"] = mask_tile_labels(pair, tiles)
+        grid = scene.grid
+    tiles["label"] = mask_tile_labels(pair, tiles, grid)
     return TileLabels.from_frame(tiles)
 
 

@@ -369,9 +369,10 @@ def folder_training_set(
                     logger.warning("skipping %s: %s", name, exc)
                     continue
                 scaling, scene_bands = scene.scaling, tuple(scene.bands)
+                scene_grid = scene.grid
             if len(grid) == 0:
                 continue
-            labels = mask_tile_labels(pair, grid)
+            labels = mask_tile_labels(pair, grid, scene_grid)
             index = len(scenes)
             new, _ = _tiles_from_frame(grid, index, labels)
             tiles.extend(new)

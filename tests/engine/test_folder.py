@@ -135,3 +135,31 @@ def test_bad_layouts(tmp_path: Path, shared_data: Path) -> None:
     shutil.copy(source / "label" / "test_2_0000_0000.png", tmp_path / "label")
     with pytest.raises(LabelError, match="test_2_0000_0512 has no change mask"):
         find_pairs(tmp_path)
+
+
+def test_georeferenced_masks_follow_the_scene_grid(shared_data: Path) -> None:
+    """OSCD pairs open on a UTM grid; their masks must be read on that grid, not their own."""
+    from rasterio.warp import Resampling, reproject
+
+    pair = next(p for p in find_pairs(shared_data / "oscd") if p.name == "abudhabi")
+    with open_folder_pair(pair) as scene:
+        grid = scene.grid
+    assert grid.crs is not None and grid.crs.is_projected
+    window = Window(128, 128, 256, 256)
+    with rasterio.open(pair.label) as src:
+        reference = np.zeros((grid.height, grid.width), dtype=np.uint8)
+        reproject(
+            (src.read(1) > 0).astype(np.uint8),
+            reference,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.nearest,
+        )
+    expected = reference[128:384, 128:384]
+    got = read_mask(pair, window, grid)
+    assert expected.sum() > 0
+    assert np.mean(got == expected) > 0.995
+    # Reading the mask file's own pixels at the scene's indexes would not match.
+    assert not np.array_equal(read_mask(pair, window), expected)
