@@ -45,6 +45,7 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(VENV)/bin/ruff check kdmsi_engine kdmsi_qgis tests
+	$(VENV)/bin/ruff format --check kdmsi_engine kdmsi_qgis tests
 	$(VENV)/bin/bandit -q -r kdmsi_qgis kdmsi_engine --severity-level medium
 
 test: setup lint

@@ -32,7 +32,7 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from kdmsi_engine.errors import InputError, RasterError
+from kdmsi_engine.errors import GridError, InputError, RasterError
 from kdmsi_engine.progress import Progress
 from kdmsi_engine.rasterio_out import bounded_gdal_cache, check_threshold, open_raster
 
@@ -225,6 +225,32 @@ def _pred_valid(data: np.ndarray, nodata: Any) -> np.ndarray:
     return valid
 
 
+def _check_truth_fits(pred: Any, truth: Any, truth_path: Path) -> None:
+    """Refuse a truth that is an image, or of another place, before scoring anything."""
+    if truth.count != 1:
+        raise RasterError(
+            f"truth raster {truth_path} has {truth.count} bands; a change mask has one band "
+            "(change > 0, 0 none): give the reference mask, not an image"
+        )
+    if pred.crs is None or truth.crs is None:
+        if (pred.width, pred.height) != (truth.width, truth.height):
+            raise GridError(
+                f"truth raster {truth_path} is {truth.width}x{truth.height} px and not "
+                f"georeferenced, the prediction is {pred.width}x{pred.height}: give the mask "
+                "of the same scene"
+            )
+        return
+    from rasterio.warp import transform_bounds
+
+    left, bottom, right, top = transform_bounds(truth.crs, pred.crs, *truth.bounds)
+    p_left, p_bottom, p_right, p_top = pred.bounds
+    if left >= p_right or right <= p_left or bottom >= p_top or top <= p_bottom:
+        raise GridError(
+            f"truth raster {truth_path} does not overlap the prediction; give the reference "
+            "of the same place"
+        )
+
+
 def evaluate_rasters(
     pred_path: str | os.PathLike[str],
     truth_path: str | os.PathLike[str],
@@ -275,6 +301,7 @@ def evaluate_rasters(
             )
         if floating and threshold is None:
             threshold = 0.5
+        _check_truth_fits(pred, truth, Path(truth_path))
         reader = _TruthReader(truth, pred, truth_values, truth_nodata)
         windows = list(_windows(pred.width, pred.height))
         progress.stage("evaluate", total=len(windows))
@@ -305,9 +332,12 @@ def evaluate_rasters(
             "threshold": threshold,
             "truth_reprojected": reader.reprojected,
         }
-    result.update(metrics_from_confusion(total))
     if total.total == 0:
-        logger.warning("no pixel is valid in both the prediction and the truth")
+        raise InputError(
+            f"no pixel is valid in both {pred_path} and {truth_path}; check that the truth "
+            "covers the predicted area and that its nodata value is right (--truth-nodata)"
+        )
+    result.update(metrics_from_confusion(total))
     if thresholds:
         records = []
         for t, c in zip(thresholds, swept):

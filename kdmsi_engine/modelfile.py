@@ -58,6 +58,25 @@ class ModelFile:
         return str(self.metadata.get("kind", ""))
 
 
+#: More bands than any imagery we take; a crafted file asking for more must not allocate gigabytes.
+MAX_BANDS = 64
+
+
+def metadata_int(value: Any, name: str, low: int, high: int) -> int:
+    """An integer field of model metadata, type- and range-checked.
+
+    Raises:
+        ModelFileError: not an integer (booleans, floats and text are refused) or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = value if isinstance(value, (int, float, str)) else type(value).__name__
+        raise ModelFileError(
+            f"model metadata has an invalid {name} ({str(shown)[:40]!r}; expected an integer "
+            f"from {low} to {high}); retrain the model"
+        )
+    return value
+
+
 def _checksum(metadata_json: str, tensors: dict[str, dict[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256(metadata_json.encode("utf-8"))
     for group in sorted(tensors):
@@ -111,7 +130,10 @@ def save_model(
 
 
 def load_model(
-    path: str | os.PathLike[str], *, expected_kind: str | None = None, file_format: str = MODEL_FORMAT
+    path: str | os.PathLike[str],
+    *,
+    expected_kind: str | None = None,
+    file_format: str = MODEL_FORMAT,
 ) -> ModelFile:
     """Read and verify a model (or checkpoint) file.
 

@@ -117,7 +117,9 @@ class Progress:
     def check_cancelled(self) -> None:
         """Raise :class:`CancelledError` if the user asked to stop."""
         if self._is_cancelled():
-            raise CancelledError(f"cancelled during {self._stage or 'the job'}; nothing was written")
+            raise CancelledError(
+                f"cancelled during {self._stage or 'the job'}; nothing was written"
+            )
 
 
 class CancelFlag:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdmsi_engine.errors import ModelFileError
+from kdmsi_engine.errors import InputError, ModelFileError
+from kdmsi_engine.modelfile import MAX_BANDS, metadata_int
 
 logger = logging.getLogger(__name__)
 
@@ -201,12 +202,20 @@ def build_detector_from_metadata(metadata: dict[str, Any]) -> SiameseDeepLabV3Pl
             "'kdmsi train-detector'"
         )
     try:
+        backbone = arch["backbone"]
+        if not isinstance(backbone, str):
+            raise ModelFileError(f"detector metadata names no backbone ({backbone!r}); retrain")
+        rates = arch.get("aspp_rates", list(ASPP_RATES))
+        if not isinstance(rates, (list, tuple)) or not 1 <= len(rates) <= 8:
+            raise ModelFileError("detector metadata has invalid aspp_rates; retrain the detector")
         return build_detector(
-            str(arch["backbone"]),
-            in_channels=int(arch["in_channels"]),
+            backbone,
+            in_channels=metadata_int(arch["in_channels"], "in_channels (bands)", 1, MAX_BANDS),
             weights="none",
-            aspp_rates=tuple(int(r) for r in arch.get("aspp_rates", ASPP_RATES)),
+            aspp_rates=tuple(metadata_int(r, "ASPP rate", 1, 64) for r in rates),
         )
+    except InputError as exc:  # an unknown backbone name
+        raise ModelFileError(f"detector architecture is not supported here: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(
             f"detector metadata is incomplete ({exc}); retrain the detector"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdmsi_engine.errors import InputError, ModelFileError
-from kdmsi_engine.modelfile import load_model
+from kdmsi_engine.modelfile import MAX_BANDS, load_model, metadata_int
 from kdmsi_engine.models.backbones import BACKBONES, Backbone, build_backbone, normalize_input
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def build_kdmsi_models(
     arch = metadata.get("architecture", metadata)
     try:
         name = str(arch["backbone"])
-        in_channels = int(arch["in_channels"])
+        in_channels = metadata_int(arch["in_channels"], "in_channels (bands)", 1, MAX_BANDS)
         t_comb = str(arch.get("teacher_combination", "diff"))
         s_comb = str(arch.get("student_combination", "diff"))
     except (KeyError, TypeError, ValueError) as exc:

@@ -465,7 +465,6 @@ def fit_kdmsi(
             with contextlib.suppress(FileNotFoundError):
                 ckpt.unlink()
         result["model"] = str(out_path)
-        progress.result(**result)
     else:
         result["networks"] = {"teacher": teacher, "student": student}
     result["metadata"] = metadata

@@ -368,19 +368,11 @@ def prob(pair, models, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def
     return target
 
 
-@pytest.mark.xfail(
-    reason="pending INFER: evaluate scores a truth of another place (requests-infer.md 02:24)",
-    strict=False,
-)
 def test_evaluate_truth_of_another_place(prob, shared_data, out, capfd) -> None:  # type: ignore[no-untyped-def]
     truth = shared_data / "landsat-taizhou-nanjing" / "label" / "nanjing.tif"
     assert_refused(["evaluate", str(prob), str(truth)], capfd, "(?i)overlap|no pixel", watch=[out])
 
 
-@pytest.mark.xfail(
-    reason="pending INFER: evaluate takes a 6-band image as truth (requests-infer.md 02:24)",
-    strict=False,
-)
 def test_evaluate_truth_is_an_image(prob, pair, out, capfd) -> None:  # type: ignore[no-untyped-def]
     assert_refused(["evaluate", str(prob), pair[0]], capfd, "(?i)band|mask", watch=[out])
 

@@ -186,9 +186,6 @@ architectures = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.xfail(
-    reason="pending KD: in_channels not range/type-checked (requests-kd.md 01:52)", strict=False
-)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(architecture=architectures | json_values, wrap=st.booleans())
 def test_fuzz_kdmsi_metadata(architecture: object, wrap: bool) -> None:
@@ -211,9 +208,6 @@ def test_fuzz_kdmsi_metadata(architecture: object, wrap: bool) -> None:
     assert teacher is not student
 
 
-@pytest.mark.xfail(
-    reason="pending KD: in_channels not range/type-checked (requests-kd.md 01:52)", strict=False
-)
 def test_kdmsi_metadata_absurd_band_count_refused() -> None:
     """A crafted file cannot make the engine build networks for 10000 bands (gigabytes with a
     ResNet; no imagery has that many), nor for a fractional or text band count."""
@@ -249,10 +243,6 @@ def test_fuzz_load_kdmsi_model(architecture: dict, groups: tuple, shape: tuple) 
 # forward pass in the middle of a detection ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="pending DETECT: aspp_rates / in_channels not checked (requests-detect.md 02:12)",
-    strict=False,
-)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rates=st.one_of(
