@@ -202,7 +202,7 @@ def detect_scene(
         the run record (also written to ``run.json``): paths, parameters, timings, polygons.
     """
     progress = progress or Progress()
-    from kdmsi_engine.inference.scene import model_bands
+    from kdmsi_engine.inference.scene import check_band_fit, model_bands
     from kdmsi_engine.inference.sliding import check_window_params
     from kdmsi_engine.rasterio_out import check_threshold
 
@@ -232,7 +232,7 @@ def detect_scene(
     from kdmsi_engine.vectorize import vectorize_changes
 
     scaling = BandScaling.from_dict(metadata["scaling"]) if metadata.get("scaling") else None
-    _check_bands(before, after, bands, count, model)
+    check_band_fit(before, after, bands, count, model)
     name = scene_name or Path(before).stem
     with ScenePair.open(before, after, bands=bands, scaling=scaling, name=name) as scene:
         if count is not None and scene.num_bands != count:
@@ -322,26 +322,3 @@ def detect_scene(
         write_text_atomic(paths["run"], json.dumps(record, indent=2), overwrite=overwrite)
     progress.log(f"detection written to {paths['change'].parent}")
     return record
-
-
-def _check_bands(
-    before: str | os.PathLike[str],
-    after: str | os.PathLike[str],
-    bands: list[int] | None,
-    count: int | None,
-    model: str | os.PathLike[str],
-) -> None:
-    import rasterio
-
-    for path in (before, after):
-        try:
-            with rasterio.open(path) as ds:
-                available = ds.count
-        except rasterio.errors.RasterioIOError as exc:
-            raise RasterError(f"{path} cannot be read as a raster: {exc}") from exc
-        needed = max(bands) if bands else count
-        if needed is not None and available < needed:
-            raise ModelFileError(
-                f"detector {Path(model).name} needs band {needed}, {Path(path).name} has "
-                f"{available} band(s); use a detector trained on these rasters' bands"
-            )

@@ -74,7 +74,7 @@ def _scaling(metadata: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _check_band_fit(
+def check_band_fit(
     before: str | os.PathLike[str],
     after: str | os.PathLike[str],
     bands: list[int] | None,
@@ -164,7 +164,7 @@ def infer_scene(
     lap = int(overlap if overlap is not None else tile // 4)
     check_window_params(tile, lap, batch_size)
     scaling = _scaling(metadata)
-    _check_band_fit(before, after, bands, count, model_path)
+    check_band_fit(before, after, bands, count, model_path)
     started = time.monotonic()
     with ScenePair.open(before, after, bands=bands, scaling=scaling) as scene:
         if count is not None and scene.num_bands != count:
