@@ -32,7 +32,7 @@ from kdmsi_engine.errors import DeviceError
 from kdmsi_engine.inference.maps import msi_map, prepare_for_inference
 from kdmsi_engine.models.deeplab import build_detector
 from kdmsi_engine.models.kdmsi import architecture, build_kdmsi_models
-from kdmsi_engine.training.losses import kd_losses
+from kdmsi_engine.training.losses import make_scaler, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def train_kd(
     student.to(device).train()
     params = list(teacher.parameters()) + list(student.parameters())
     optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = make_scaler(precision)
     before, after, masks = data
     labels = masks.flatten(1).any(1).float()
     n = before.shape[0]
@@ -94,18 +94,8 @@ def train_kd(
             start = time.perf_counter()
         idx = torch.randint(0, n, (batch,))
         b, a, y = before[idx].to(device), after[idx].to(device), labels[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-            out = kd_losses(teacher, student, b, a, y, kd_weight=10.0)
-        if scaler is not None:
-            scaler.scale(out.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            out.total.backward()
-            optimizer.step()
-        losses.append(float(out.total.detach()))
+        out = train_step(teacher, student, optimizer, b, a, y, precision=precision, scaler=scaler)
+        losses.append(out["loss"])
     _sync(device)
     elapsed = time.perf_counter() - start
     finite = all(np.isfinite(losses))
