@@ -28,7 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from kdmsi_engine.atomic import atomic_output, check_output
-from kdmsi_engine.errors import InputError, RasterError
+from kdmsi_engine.errors import InputError
 from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -189,14 +189,13 @@ def check_threshold(threshold: float) -> float:
 
 
 def open_raster(path: str | os.PathLike[str], what: str = "raster") -> Any:
-    """Open a raster for reading, or raise :class:`RasterError` with one line."""
-    source = Path(path)
-    if not source.is_file():
-        raise RasterError(f"{what} {source} does not exist; check the path")
-    try:
-        return rasterio.open(source)
-    except rasterio.errors.RasterioIOError as exc:
-        raise RasterError(f"{what} {source} cannot be read as a raster: {exc}") from exc
+    """Open a raster for reading, or raise :class:`RasterError` with one line.
+
+    The data layer's checks (missing, not a raster, truncated) with a positional ``what``.
+    """
+    from kdmsi_engine.data.raster import open_raster as _open_checked
+
+    return _open_checked(path, what=what)
 
 
 def write_uint8_classes(

@@ -35,7 +35,7 @@ import numpy as np
 import rasterio
 import rasterio.features
 from rasterio.crs import CRS
-from rasterio.errors import CRSError, RasterioIOError
+from rasterio.errors import CRSError
 from rasterio.windows import Window
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from shapely.ops import transform as shapely_transform
@@ -43,6 +43,7 @@ from shapely.ops import unary_union
 from shapely.validation import make_valid
 
 from kdmsi_engine.atomic import atomic_output, check_output
+from kdmsi_engine.data.raster import open_raster
 from kdmsi_engine.errors import InputError, RasterError
 from kdmsi_engine.progress import Progress
 
@@ -162,7 +163,7 @@ def vectorize_changes(
     target = check_output(out_path, overwrite=overwrite)
     if target.suffix.lower() != ".gpkg":
         raise InputError(f"output {target.name} must be a GeoPackage (.gpkg)")
-    with _open_raster(change_path, "change raster") as change_ds:
+    with open_raster(change_path, what="change raster") as change_ds:
         if change_ds.count != 1:
             raise RasterError(
                 f"change raster {change_path} has {change_ds.count} bands; give the single-band "
@@ -177,7 +178,7 @@ def vectorize_changes(
             )
         prob_ds = None
         if probability_path is not None:
-            prob_ds = _open_raster(Path(probability_path), "probability raster")
+            prob_ds = open_raster(Path(probability_path), what="probability raster")
             _check_same_grid(change_ds, prob_ds, change_path, Path(probability_path))
         scene_name = scene if scene is not None else _default_scene_name(change_path)
         try:
@@ -196,15 +197,6 @@ def vectorize_changes(
 def _default_scene_name(change_path: Path) -> str:
     parent = change_path.absolute().parent.name
     return parent or change_path.stem
-
-
-def _open_raster(path: Path, what: str) -> rasterio.io.DatasetReader:
-    if not path.is_file():
-        raise RasterError(f"{what} {path} does not exist; check the path")
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise RasterError(f"{what} {path} cannot be read by GDAL: {exc}") from exc
 
 
 def _parse_crs(value: str | CRS) -> CRS:
