@@ -24,7 +24,7 @@ for name in ("numpy", "shapely", "rasterio", "pyproj", "geopandas", "pandas", "f
 endef
 export PIN_SYSTEM_PACKAGES
 
-.PHONY: setup test lint demo bench ablation package clean
+.PHONY: setup test lint demo bench accuracy ablation package clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,9 @@ demo: setup
 bench: setup
 	$(PY) -m kdmsi_engine.tools.bench
 
+accuracy: setup
+	$(PY) -m kdmsi_engine.tools.accuracy
+
 ablation: setup
 	$(PY) -m kdmsi_engine.tools.ablation
 
@@ -64,4 +67,4 @@ package: setup
 	$(PY) -m kdmsi_engine.tools.package
 
 clean:
-	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output
+	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output

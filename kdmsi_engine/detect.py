@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import check_output, check_output_dir, write_text_atomic
 from kdmsi_engine.device import autocast, describe_device, resolve_device
 from kdmsi_engine.errors import InputError, ModelFileError, RasterError
@@ -36,10 +37,12 @@ from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-PROBABILITY_NAME = "change_probability.tif"
-CHANGE_NAME = "change.tif"
-CHANGES_NAME = "changes.gpkg"
-RECORD_NAME = "run.json"
+PROBABILITY_NAME = defaults.PROBABILITY_NAME
+CHANGE_NAME = defaults.CHANGE_NAME
+CHANGES_NAME = defaults.CHANGES_NAME
+RECORD_NAME = defaults.RECORD_NAME
+#: The detector's own probability when ``change_probability.tif`` is a fused map.
+DETECTOR_PROBABILITY_NAME = defaults.DETECTOR_PROBABILITY_NAME
 OUTPUT_NAMES = {
     "change_probability": PROBABILITY_NAME,
     "change": CHANGE_NAME,
@@ -166,7 +169,7 @@ def detect_scene(
     tile_size: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     scales: str | Sequence[float] | None = None,
     flip: bool = False,
     min_area: float = 0.0,
@@ -177,6 +180,13 @@ def detect_scene(
     device: str = "auto",
     overwrite: bool = False,
     write_record: bool = True,
+    unchanged_tiles: Any = None,
+    calibration_tiles: Any = None,
+    keep_unchanged_out: bool = True,
+    unchanged_quantile: float = 0.99,
+    fuse_with: str | os.PathLike[str] | None = None,
+    fuse_weight: float = 0.5,
+    gate_rate: float = 1.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Detect changes over a scene pair with a trained detector.
@@ -188,7 +198,8 @@ def detect_scene(
         tile_size: window size (default: the model's training tile size, at least 128).
         overlap: window overlap (default: a quarter of the window).
         batch_size: windows per forward pass.
-        threshold: change where the probability is above it.
+        threshold: change where the probability is above it: a number in [0, 1) or ``otsu``
+            (Otsu's threshold of the probability map).
         scales: test-time scales (default ``1``; e.g. ``0.75,1,1.25``).
         flip: also average over the horizontally flipped pair.
         min_area, simplify, fill_holes, dst_crs: polygon options (see ``kdmsi vectorize``).
@@ -196,6 +207,21 @@ def detect_scene(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace existing outputs.
         write_record: write ``run.json`` (the pipeline writes its own).
+        unchanged_tiles: optional :class:`~kdmsi_engine.pseudo.TileLabels` on the scene grid:
+            they allow the threshold ``unchanged-q`` (the ``unchanged_quantile`` of the
+            probabilities on the tiles labelled unchanged) and, with ``keep_unchanged_out``,
+            ``change.tif`` is 0 on those tiles (the analyst vouched for them), while
+            ``change_probability.tif`` keeps the map's values there.
+        calibration_tiles: the tiles whose unchanged ones set ``unchanged-q`` (default:
+            ``unchanged_tiles``), e.g. unchanged tiles the detector did not train on.
+        fuse_with: optional second change map on the scene grid (e.g. the calibrated change
+            vector analysis): the detector's probability goes to ``detector_probability.tif``
+            and ``change_probability.tif`` is their fused rarity score on the calibration
+            tiles' unchanged pixels (:mod:`kdmsi_engine.fusion`).
+        fuse_weight: with ``fuse_with``, the detector's weight in the fusion (the other map has
+            the rest).
+        gate_rate: with ``fuse_with``, the score is 0 where that map's value is not rarer on
+            the calibration pixels than this rate (1: no veto).
         progress: progress and cancellation.
 
     Returns:
@@ -204,9 +230,9 @@ def detect_scene(
     progress = progress or Progress()
     from kdmsi_engine.inference.scene import check_band_fit, model_bands
     from kdmsi_engine.inference.sliding import check_window_params
-    from kdmsi_engine.rasterio_out import check_threshold
+    from kdmsi_engine.thresholds import parse_threshold_spec, raster_threshold
 
-    value = check_threshold(threshold)
+    spec = parse_threshold_spec(threshold)
     scale_values = parse_scales(scales)
     for path, what in ((before, "before raster"), (after, "after raster")):
         if not Path(path).is_file():
@@ -221,6 +247,14 @@ def detect_scene(
     if tile % 16:
         raise InputError(f"window size {tile} must be a multiple of 16 (the detector's stride)")
     paths = check_detect_outputs(out_dir, overwrite=overwrite, record=write_record)
+    calibration = calibration_tiles if calibration_tiles is not None else unchanged_tiles
+    detector_map = paths["change_probability"]
+    if fuse_with is not None:
+        if calibration is None:
+            raise InputError("fusing change maps needs tiles labelled unchanged to calibrate on")
+        detector_map = check_output(
+            paths["change"].parent / DETECTOR_PROBABILITY_NAME, overwrite=overwrite
+        )
     torch_device = resolve_device(device)
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -246,7 +280,7 @@ def detect_scene(
         predict_scene(
             scene,
             predictor,
-            paths["change_probability"],
+            detector_map,
             tile_size=tile,
             overlap=lap,
             batch_size=batch_size,
@@ -263,9 +297,40 @@ def detect_scene(
         grid_info = scene.grid.to_dict()
         scene_info = scene.describe()
     timings["predict_s"] = round(time.monotonic() - started, 2)
+    fusion = None
+    if fuse_with is not None:
+        from kdmsi_engine.fusion import fuse_maps
+
+        mark = time.monotonic()
+        fusion = fuse_maps(
+            [detector_map, fuse_with],
+            paths["change_probability"],
+            calibration.unchanged_mask,
+            weights=(fuse_weight, 1.0 - fuse_weight),
+            gate=1 if gate_rate < 1.0 else None,
+            gate_rate=gate_rate,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        timings["fuse_s"] = round(time.monotonic() - mark, 2)
     mark = time.monotonic()
+    value = raster_threshold(
+        paths["change_probability"],
+        spec,
+        unchanged=calibration.unchanged_mask if calibration is not None else None,
+        quantile=unchanged_quantile,
+    )
     write_uint8_classes(
-        paths["change_probability"], paths["change"], value, overwrite=overwrite, progress=progress
+        paths["change_probability"],
+        paths["change"],
+        value,
+        exclude=(
+            unchanged_tiles.unchanged_mask
+            if unchanged_tiles is not None and keep_unchanged_out
+            else None
+        ),
+        overwrite=overwrite,
+        progress=progress,
     )
     timings["classes_s"] = round(time.monotonic() - mark, 2)
     mark = time.monotonic()
@@ -304,6 +369,8 @@ def detect_scene(
             "overlap": lap,
             "batch_size": batch_size,
             "threshold": value,
+            "threshold_method": spec if isinstance(spec, str) else "fixed",
+            "unchanged_tiles_kept_out": unchanged_tiles is not None and keep_unchanged_out,
             "scales": list(scale_values),
             "flip": bool(flip),
             "min_area": min_area,
@@ -314,9 +381,13 @@ def detect_scene(
         "device": describe_device(torch_device),
         "versions": software_versions(),
         "timings": timings,
+        "fusion": fusion,
         "polygons": polygons["polygons"],
         "change_area_m2": polygons["change_area_m2"],
-        "outputs": {k: str(v) for k, v in paths.items() if k != "run" or write_record},
+        "outputs": {
+            **{k: str(v) for k, v in paths.items() if k != "run" or write_record},
+            **({"detector_probability": str(detector_map)} if fusion is not None else {}),
+        },
     }
     if write_record:
         write_text_atomic(paths["run"], json.dumps(record, indent=2), overwrite=overwrite)

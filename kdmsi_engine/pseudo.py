@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.errors import GridError, InputError, LabelError
 from kdmsi_engine.progress import Progress
@@ -48,14 +49,18 @@ from kdmsi_engine.rasterio_out import (
     open_raster,
     strip_windows,
 )
+from kdmsi_engine.thresholds import (  # noqa: F401 (re-exported)
+    HIST_BINS,
+    otsu_threshold,
+    quantile_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
 #: threshold names accepted besides a number.
 AUTO_METHODS = ("auto", "otsu", "unchanged-q")
 #: quantile of the unchanged tiles' probabilities used by ``unchanged-q`` and ``auto``.
-UNCHANGED_QUANTILE = 0.99
-HIST_BINS = 1000
+UNCHANGED_QUANTILE = defaults.UNCHANGED_QUANTILE
 #: raster tag where ``kdmsi infer`` records its window/tile size.
 TILE_SIZE_TAG = "KDMSI_TILE_SIZE"
 
@@ -97,6 +102,33 @@ class TileLabels:
             "unlabelled": int(np.count_nonzero(self.label == -1)),
         }
 
+    def without(self, drop: np.ndarray) -> TileLabels:
+        """The same tiles with those where ``drop`` is true made unlabelled (-1)."""
+        label = self.label.copy()
+        label[np.asarray(drop, dtype=bool)] = -1
+        return TileLabels(self.row_off, self.col_off, self.height, self.width, label)
+
+    def only(self, keep: np.ndarray) -> TileLabels:
+        """The same tiles with all but those where ``keep`` is true made unlabelled (-1)."""
+        return self.without(~np.asarray(keep, dtype=bool))
+
+    def held_out_split(self, fraction: float, seed: int = 0) -> np.ndarray:
+        """Bool per tile: a random ``fraction`` of the unchanged tiles, kept out of the
+        detector's training to calibrate the final map's threshold.
+
+        At least one tile when there are five or more unchanged tiles, none below; the choice
+        depends only on ``seed`` and the labels.
+        """
+        members = np.flatnonzero(self.label == 0)
+        count = max(int(round(fraction * members.size)), 1) if members.size >= 5 else 0
+        out = np.zeros(self.label.size, dtype=bool)
+        out[np.random.default_rng(seed).choice(members, size=count, replace=False)] = True
+        return out
+
+    def unchanged_mask(self, row: int, height: int, width: int) -> np.ndarray:
+        """Bool mask of the pixels of rows ``[row, row + height)`` in tiles labelled unchanged."""
+        return self.state(row, height, width) == 0
+
     def state(self, row: int, height: int, width: int) -> np.ndarray:
         """Per-pixel tile state for rows ``[row, row + height)``: 1, 0 or -1 (see rules)."""
         out = np.full((height, width), -1, np.int8)
@@ -128,43 +160,20 @@ def parse_threshold(value: float | str) -> float | str:
     return check_threshold(value)
 
 
-def otsu_threshold(hist: np.ndarray, edges: np.ndarray) -> float:
-    """Otsu's threshold of a histogram (maximum between-class variance); 0.5 if empty."""
-    hist = hist.astype(np.float64)
-    total = hist.sum()
-    if total <= 0:
-        return 0.5
-    centers = (edges[:-1] + edges[1:]) / 2.0
-    w0 = np.cumsum(hist)
-    w1 = total - w0
-    m0 = np.cumsum(hist * centers)
-    mt = m0[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mt * w0 / total - m0) ** 2 / (w0 * w1 / total)
-    between[(w0 == 0) | (w1 == 0)] = -1.0
-    k = int(np.argmax(between))
-    return float(edges[k + 1])
-
-
-def quantile_threshold(hist: np.ndarray, edges: np.ndarray, q: float) -> float | None:
-    """The value under which a fraction ``q`` of the histogram lies (upper bin edge)."""
-    total = hist.sum()
-    if total <= 0:
-        return None
-    cdf = np.cumsum(hist) / total
-    k = int(np.searchsorted(cdf, q, side="left"))
-    return float(edges[min(k + 1, len(edges) - 1)])
-
-
 def choose_threshold(
-    method: str, hist_changed: np.ndarray, hist_unchanged: np.ndarray, edges: np.ndarray
+    method: str,
+    hist_changed: np.ndarray,
+    hist_unchanged: np.ndarray,
+    edges: np.ndarray,
+    quantile: float = UNCHANGED_QUANTILE,
 ) -> tuple[float, dict[str, Any]]:
     """The automatic threshold ``method`` and the numbers behind it."""
     otsu = otsu_threshold(hist_changed, edges) if hist_changed.sum() > 0 else None
-    neg_q = quantile_threshold(hist_unchanged, edges, UNCHANGED_QUANTILE)
+    neg_q = quantile_threshold(hist_unchanged, edges, quantile)
     info: dict[str, Any] = {
         "otsu_changed": otsu,
-        f"unchanged_q{int(UNCHANGED_QUANTILE * 100)}": neg_q,
+        "unchanged_quantile": quantile,
+        "unchanged_q": neg_q,
         "changed_pixels": int(hist_changed.sum()),
         "unchanged_pixels": int(hist_unchanged.sum()),
     }
@@ -276,6 +285,8 @@ def make_pseudo_labels(
     tile_size: int | None = None,
     before: str | os.PathLike[str] | None = None,
     after: str | os.PathLike[str] | None = None,
+    quantile: float = UNCHANGED_QUANTILE,
+    held_out: np.ndarray | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -294,6 +305,10 @@ def make_pseudo_labels(
             else 256).
         before, after: the scene pair, to use its tile grid (tiles with little valid data
             dropped, as in training); otherwise the probability raster's grid is tiled.
+        quantile: the quantile of the unchanged tiles' values of ``unchanged-q`` and ``auto``.
+        held_out: optional bool per tile: tiles whose pixels are written 255 (kept out of the
+            detector's training, e.g. to calibrate its threshold); they still count for the
+            threshold.
         overwrite: replace an existing output.
         progress: progress and cancellation.
 
@@ -343,6 +358,7 @@ def make_pseudo_labels(
         else:
             tiles = TileLabels.from_frame(tile_labels)
         counts = tiles.counts()
+        written = tiles if held_out is None else tiles.without(held_out)
         nodata = src.nodata
         strips = list(strip_windows(src.width, src.height))
         info: dict[str, Any] = {}
@@ -361,7 +377,7 @@ def make_pseudo_labels(
                         sel = valid & (state == value)
                         hist += np.histogram(np.clip(prob[sel], 0, 1), bins=edges)[0]
                     progress.advance()
-                value, info = choose_threshold(mode, hist_c, hist_u, edges)
+                value, info = choose_threshold(mode, hist_c, hist_u, edges, quantile)
             else:
                 value = float(mode)
             progress.stage("pseudo", total=len(strips), message=f"threshold {value:.3f}")
@@ -372,7 +388,7 @@ def make_pseudo_labels(
                         progress.check_cancelled()
                         prob = src.read(1, window=window)
                         valid = _prob_valid(prob, nodata)
-                        state = tiles.state(int(window.row_off), prob.shape[0], prob.shape[1])
+                        state = written.state(int(window.row_off), prob.shape[0], prob.shape[1])
                         out = pseudo_from_window(prob, state, valid, value)
                         pixel_counts += [
                             np.count_nonzero(out == 1),
@@ -392,6 +408,7 @@ def make_pseudo_labels(
         "threshold_method": mode if isinstance(mode, str) else "fixed",
         "tile_size": tile,
         "tiles": counts,
+        "held_out_tiles": int(np.count_nonzero(held_out)) if held_out is not None else 0,
         "pixels": {
             "change": int(pixel_counts[0]),
             "background": int(pixel_counts[1]),
@@ -401,3 +418,45 @@ def make_pseudo_labels(
     if info:
         result["threshold_info"] = info
     return result
+
+
+def combine_maps(
+    first: str | os.PathLike[str],
+    second: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write the geometric mean ``sqrt(a * b)`` of two probability rasters on one grid.
+
+    High only where both maps are high (e.g. the MSI map and the calibrated CVA); nodata (-1)
+    where either has none.
+    """
+    from kdmsi_engine.data.grid import Grid
+    from kdmsi_engine.rasterio_out import PROB_NODATA
+
+    progress = progress or Progress()
+    target = check_output(out_path, overwrite=overwrite)
+    with (
+        open_raster(first, "probability raster") as a,
+        open_raster(second, "probability raster") as b,
+    ):
+        if (a.width, a.height, a.crs, a.transform) != (b.width, b.height, b.crs, b.transform):
+            raise GridError(f"{first} and {second} are not on one grid; make both from one scene")
+        grid = Grid.from_dataset(a)
+        strips = list(strip_windows(a.width, a.height))
+        progress.stage("combine", total=len(strips), message="geometric mean of two maps")
+        with atomic_output(target, overwrite=overwrite) as tmp:
+            with create_geotiff(tmp, grid, dtype="float32", nodata=PROB_NODATA) as dst:
+                for window in strips:
+                    progress.check_cancelled()
+                    pa, pb = a.read(1, window=window), b.read(1, window=window)
+                    valid = _prob_valid(pa, a.nodata) & _prob_valid(pb, b.nodata)
+                    both = np.sqrt(np.clip(pa, 0, 1) * np.clip(pb, 0, 1))
+                    dst.write(
+                        np.where(valid, both, PROB_NODATA).astype(np.float32), 1, window=window
+                    )
+                    progress.advance()
+                add_overviews(dst, "average")
+    return {"output": str(target), "method": "geometric-mean"}

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -204,6 +204,7 @@ def write_uint8_classes(
     threshold: float = 0.5,
     *,
     band: int = 1,
+    exclude: Callable[[int, int, int], np.ndarray] | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -211,6 +212,8 @@ def write_uint8_classes(
 
     ``1`` where probability > ``threshold``, ``0`` elsewhere, :data:`CLASS_NODATA` where the
     probability raster is nodata (or NaN). Written strip by strip, atomically, with overviews.
+    ``exclude(row, height, width)``, when given, returns a bool mask of a full-width strip whose
+    pixels are written 0 whatever their probability (e.g. tiles labelled unchanged).
 
     Returns:
         ``out_path`` as a :class:`Path`.
@@ -229,7 +232,11 @@ def write_uint8_classes(
                 for window in strips:
                     progress.check_cancelled()
                     prob = src.read(band, window=window)
-                    dst.write(classes_from_probability(prob, value, nodata), 1, window=window)
+                    classes = classes_from_probability(prob, value, nodata)
+                    if exclude is not None:
+                        shape = (int(window.row_off), int(window.height), int(window.width))
+                        classes[exclude(*shape) & (classes == 1)] = 0
+                    dst.write(classes, 1, window=window)
                     progress.advance()
                 dst.write_colormap(1, CLASS_COLORMAP)
                 add_overviews(dst, "nearest")

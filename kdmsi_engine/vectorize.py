@@ -452,8 +452,9 @@ class _State:
             "id": self.written,
             "area_m2": round(area, 3),
             "pixels": pixels,
-            "mean_prob": None if mean_prob is None else round(mean_prob, 5),
-            "max_prob": None if max_prob is None else round(max_prob, 5),
+            # not rounded: a polygon's pixels are all above the threshold, so is their mean
+            "mean_prob": None if mean_prob is None else float(mean_prob),
+            "max_prob": None if max_prob is None else float(max_prob),
             "scene": self.scene,
         }
         return _as_multi(geom), props

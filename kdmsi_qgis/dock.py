@@ -30,7 +30,6 @@ from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDockWidget,
-    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -46,6 +45,8 @@ from qgis.PyQt.QtWidgets import (
 
 from kdmsi_qgis import envcheck, layers, settings, worker
 from kdmsi_qgis.algorithms.base import BACKBONES, WEIGHTS
+from kdmsi_qgis.algorithms.maps import threshold_argument
+from kdmsi_qgis.contract import D
 from kdmsi_qgis.tasks import EngineTask
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,10 @@ class KdmsiDock(QDockWidget):
         self.weights_combo.addItems(list(WEIGHTS))
         self.epochs_spin = QSpinBox(options)
         self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setValue(20)
+        self.epochs_spin.setValue(D.KD_EPOCHS)
+        self.detector_epochs_spin = QSpinBox(options)
+        self.detector_epochs_spin.setRange(1, 1000)
+        self.detector_epochs_spin.setValue(D.DETECTOR_EPOCHS)
         self.device_combo = QComboBox(options)
         self.device_combo.setEditable(True)
         self.device_combo.addItems(list(DEVICES))
@@ -134,23 +138,29 @@ class KdmsiDock(QDockWidget):
         self.tile_spin = QSpinBox(options)
         self.tile_spin.setRange(32, 4096)
         self.tile_spin.setSingleStep(32)
-        self.tile_spin.setValue(256)
-        self.scales_edit = QLineEdit("0.5,1,1.5,2", options)
-        self.threshold_spin = QDoubleSpinBox(options)
-        self.threshold_spin.setRange(0.01, 0.99)
-        self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setValue(0.3)
+        self.tile_spin.setValue(D.TILE_SIZE)
+        self.scales_edit = QLineEdit(D.MSI_SCALES_TEXT, options)
+        self.source_combo = QComboBox(options)
+        self.source_combo.addItems(list(D.PSEUDO_SOURCES))
+        self.source_combo.setCurrentText(D.PSEUDO_SOURCE)
+        # a number or a rule that needs no pixel truth (unchanged-q, otsu, auto)
+        self.threshold_combo = QComboBox(options)
+        self.threshold_combo.setEditable(True)
+        self.threshold_combo.addItems(list(D.PSEUDO_THRESHOLDS))
+        self.threshold_combo.setCurrentText(D.PSEUDO_THRESHOLD)
         self.output_widget = QgsFileWidget(options)
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.overwrite_check = QCheckBox(tr("Replace existing outputs"), options)
         form.addRow(tr("Model file"), self.model_widget)
         form.addRow(tr("Backbone"), self.backbone_combo)
         form.addRow(tr("Start weights"), self.weights_combo)
-        form.addRow(tr("Epochs"), self.epochs_spin)
+        form.addRow(tr("KD-MSI epochs"), self.epochs_spin)
+        form.addRow(tr("Detector epochs"), self.detector_epochs_spin)
         form.addRow(tr("Device"), self.device_combo)
         form.addRow(tr("Tile size"), self.tile_spin)
         form.addRow(tr("MSI scales"), self.scales_edit)
-        form.addRow(tr("Threshold"), self.threshold_spin)
+        form.addRow(tr("Pseudo labels from"), self.source_combo)
+        form.addRow(tr("Pseudo-label threshold"), self.threshold_combo)
         form.addRow(tr("Output folder"), self.output_widget)
         form.addRow("", self.overwrite_check)
         column.addWidget(options)
@@ -168,6 +178,11 @@ class KdmsiDock(QDockWidget):
         column.addWidget(engine)
 
         buttons = QHBoxLayout()
+        self.preview_button = QPushButton(tr("Quick preview"), body)
+        self.preview_button.setToolTip(
+            tr("Quick change preview (no training): change vector analysis with Otsu's threshold")
+        )
+        self.preview_button.clicked.connect(self.quick_preview)
         self.grid_button = QPushButton(tr("Labelling grid"), body)
         self.grid_button.setToolTip(
             tr("Write the tile grid to label as changed (1) / unchanged (0)")
@@ -178,7 +193,13 @@ class KdmsiDock(QDockWidget):
         self.detect_button.setToolTip(tr("Detect changes with the model file"))
         self.run_button = QPushButton(tr("Run all"), body)
         self.run_button.setToolTip(tr("Weak labels to change polygons: the whole chain"))
-        for button in (self.grid_button, self.train_button, self.detect_button, self.run_button):
+        for button in (
+            self.preview_button,
+            self.grid_button,
+            self.train_button,
+            self.detect_button,
+            self.run_button,
+        ):
             buttons.addWidget(button)
         self.grid_button.clicked.connect(self.create_grid)
         self.train_button.clicked.connect(self.train)
@@ -246,17 +267,20 @@ class KdmsiDock(QDockWidget):
             ) from exc
         return folder
 
-    def _training(self) -> list[str]:
+    def _training(self, epochs: QSpinBox | None = None) -> list[str]:
         return [
             "--backbone",
             self.backbone_combo.currentText(),
             "--weights",
             self.weights_combo.currentText(),
             "--epochs",
-            str(self.epochs_spin.value()),
+            str((epochs or self.epochs_spin).value()),
             "--tile-size",
             str(self.tile_spin.value()),
         ]
+
+    def _threshold(self) -> str:
+        return threshold_argument(self.threshold_combo.currentText(), D.PSEUDO_THRESHOLDS)
 
     def device(self) -> str:
         return self.device_combo.currentText().strip() or "auto"
@@ -266,6 +290,22 @@ class KdmsiDock(QDockWidget):
         return f"KD-MSI: {before.name()}" if before is not None else "KD-MSI"
 
     # ------------------------------------------------------------------ steps
+
+    def quick_preview(self) -> None:
+        """Change vector analysis with Otsu's threshold: what differs, in seconds."""
+
+        def build() -> Plan:
+            folder = self._output_folder() / "preview"
+            magnitude = str(folder / "cva.tif")
+            change = str(folder / "cva_change.tif")
+            arguments = self._scene() + ["-o", magnitude, "--change", change]
+            arguments += ["--threshold", D.CVA_THRESHOLD]
+            return [Step("cva", arguments, device=False)], [
+                ("preview", magnitude),
+                ("preview_change", change),
+            ]
+
+        self._start(tr("Quick preview"), build, folder_name="preview")
 
     def create_grid(self) -> None:
         def build() -> Plan:
@@ -292,12 +332,14 @@ class KdmsiDock(QDockWidget):
                 Step("infer", scene + ["--model", student, "-o", msi, "--scales", scales]),
                 Step(
                     "pseudo",
-                    [msi, "-o", pseudo, "--threshold", f"{self.threshold_spin.value():g}"] + labels,
+                    [msi, "-o", pseudo, "--threshold", self._threshold()] + labels,
                     device=False,
                 ),
                 Step(
                     "train-detector",
-                    scene + ["--pseudo", pseudo, "-o", detector] + self._training(),
+                    scene
+                    + ["--pseudo", pseudo, "-o", detector]
+                    + self._training(self.detector_epochs_spin),
                 ),
             ]
             outputs = [("msi", msi), ("pseudo", pseudo), ("model", detector)]
@@ -326,14 +368,16 @@ class KdmsiDock(QDockWidget):
             arguments += ["--backbone", self.backbone_combo.currentText()]
             arguments += ["--weights", self.weights_combo.currentText()]
             arguments += ["--kd-epochs", str(self.epochs_spin.value())]
-            arguments += ["--detector-epochs", str(self.epochs_spin.value())]
+            arguments += ["--detector-epochs", str(self.detector_epochs_spin.value())]
             arguments += ["--tile-size", tile, "--detector-tile-size", tile]
             arguments += ["--msi-scales", self.scales_edit.text().replace(" ", "")]
-            arguments += ["--pseudo-threshold", f"{self.threshold_spin.value():g}"]
+            arguments += ["--pseudo-source", self.source_combo.currentText()]
+            arguments += ["--pseudo-threshold", self._threshold()]
             outputs = _folder_outputs(folder) + [
-                ("msi", str(folder / "msi_probability.tif")),
-                ("pseudo", str(folder / "pseudo_labels.tif")),
-                ("model", str(folder / "detector.kdmsi")),
+                ("msi", str(folder / D.MSI_NAME)),
+                ("evidence", str(folder / D.EVIDENCE_NAME)),
+                ("pseudo", str(folder / D.PSEUDO_NAME)),
+                ("model", str(folder / D.DETECTOR_NAME)),
             ]
             return [Step("run", arguments)], outputs
 
@@ -459,12 +503,33 @@ class KdmsiDock(QDockWidget):
             added = layers.add_results(QgsProject.instance(), map_outputs, self.group_name())
             if command == "grid" and added:
                 self._select_labels(added[0])
-            self._message(tr("{} finished").format(title), warning=False)
+            if command == "run":
+                self._show_trust(result.result)
+            else:
+                self._message(tr("{} finished").format(title), warning=False)
         else:
             self.stage_label.setText(tr("{}: {}").format(title, result.error))
             self.log_view.appendPlainText(tr("Error: {}").format(result.error))
             self._message(result.error, warning=True)
         self.jobFinished.emit(result)
+
+    def _show_trust(self, result: dict[str, Any]) -> None:
+        """The run's trust report: agreement with the weak labels, and plain warnings."""
+        trust = result.get("trust") or {}
+        agreement = trust.get("tile_agreement")
+        summary = tr("Run all finished")
+        if agreement is not None:
+            summary += tr(": the map agrees with {:.0%} of your tile labels").format(agreement)
+        warnings = list(result.get("warnings") or [])
+        self.log_view.appendPlainText(summary)
+        for warning in warnings:
+            self.log_view.appendPlainText(tr("Warning: {}").format(warning))
+        if warnings:
+            self._message(
+                summary + tr(". Do not trust it blindly: {}").format(warnings[0]), warning=True
+            )
+        else:
+            self._message(summary, warning=False)
 
     def _select_labels(self, layer: Any) -> None:
         if isinstance(layer, QgsVectorLayer):
@@ -472,6 +537,7 @@ class KdmsiDock(QDockWidget):
 
     def _set_running(self, running: bool) -> None:
         for button in (
+            self.preview_button,
             self.grid_button,
             self.train_button,
             self.detect_button,
@@ -493,7 +559,7 @@ class KdmsiDock(QDockWidget):
 
 def _folder_outputs(folder: Path) -> list[tuple[str, str]]:
     return [
-        ("probability", str(folder / "change_probability.tif")),
-        ("change", str(folder / "change.tif")),
-        ("changes", str(folder / "changes.gpkg")),
+        ("probability", str(folder / D.PROBABILITY_NAME)),
+        ("change", str(folder / D.CHANGE_NAME)),
+        ("changes", str(folder / D.CHANGES_NAME)),
     ]

@@ -38,6 +38,9 @@ STYLES = {
     "change": ("change.qml", "Change"),
     "changes": ("changes.qml", "Change polygons"),
     "msi": ("probability.qml", "MSI change probability (KD-MSI)"),
+    "evidence": ("probability.qml", "Calibrated change vector analysis"),
+    "preview": ("probability.qml", "Quick change preview (CVA, no training)"),
+    "preview_change": ("change.qml", "Quick change preview: change (Otsu)"),
     "pseudo": ("pseudo.qml", "Pseudo labels"),
     "grid": ("grid.qml", "Labelling grid"),
 }
@@ -193,7 +196,17 @@ def add_results(
     """
     group = result_group(project, group_name)
     added: list[QgsMapLayer] = []
-    order = {"changes": 0, "grid": 0, "change": 1, "pseudo": 2, "probability": 3, "msi": 4}
+    order = {
+        "changes": 0,
+        "grid": 0,
+        "change": 1,
+        "preview_change": 1,
+        "pseudo": 2,
+        "probability": 3,
+        "preview": 3,
+        "msi": 4,
+        "evidence": 4,
+    }
     for kind, path in sorted(outputs, key=lambda item: -order.get(item[0], 9)):
         layer = load_layer(path, kind)
         if layer is None:

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 COMMAND_MODULES = (
     "grid",
     "labels",
+    "cva",
     "train",
     "infer",
     "pseudo",

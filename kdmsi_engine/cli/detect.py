@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults as d
 from kdmsi_engine.progress import Progress
 
 NAME = "detect"
@@ -13,13 +14,25 @@ NAME = "detect"
 def add_polygon_options(parser: argparse.ArgumentParser) -> None:
     """Options of the change polygons (shared by detect, run and batch)."""
     parser.add_argument(
-        "--min-area", type=float, default=0.0, metavar="M2", help="drop polygons under M2 m²"
+        "--min-area",
+        type=float,
+        default=d.MIN_AREA,
+        metavar="M2",
+        help="drop polygons under M2 m²",
     )
     parser.add_argument(
-        "--simplify", type=float, default=0.0, metavar="M", help="simplify polygons (CRS units)"
+        "--simplify",
+        type=float,
+        default=d.SIMPLIFY,
+        metavar="M",
+        help="simplify polygons (CRS units)",
     )
     parser.add_argument(
-        "--fill-holes", type=float, default=0.0, metavar="M2", help="fill holes under M2 m²"
+        "--fill-holes",
+        type=float,
+        default=d.FILL_HOLES,
+        metavar="M2",
+        help="fill holes under M2 m²",
     )
 
 
@@ -46,7 +59,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, help="window overlap (default: a quarter)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per pass (4)")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="change probability threshold (0.5)"
+        "--threshold",
+        default=str(d.DETECT_THRESHOLD),
+        help=f"change probability threshold: a number in [0, 1) or otsu ({d.DETECT_THRESHOLD})",
     )
     parser.add_argument(
         "--scales", default="1", help="test-time scales, e.g. 0.75,1,1.25 (default 1)"

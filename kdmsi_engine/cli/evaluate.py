@@ -6,7 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from kdmsi_engine.errors import InputError
 from kdmsi_engine.progress import Progress
 
 NAME = "evaluate"
@@ -36,7 +35,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("pred", help="prediction raster (probability or classes)")
     parser.add_argument("truth", help="truth raster (change > 0)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--threshold", type=float, help="probability threshold (default 0.5)")
+    mode.add_argument(
+        "--threshold", help="probability threshold: a number in [0, 1) or otsu (default 0.5)"
+    )
     mode.add_argument(
         "--sweep", action="store_true", help="metrics at thresholds 0.05..0.95 and the best IoU"
     )
@@ -53,13 +54,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any] | None:
     from kdmsi_engine.metrics import evaluate_rasters
+    from kdmsi_engine.thresholds import raster_threshold
 
-    if args.threshold is not None and not (0.0 <= args.threshold < 1.0):
-        raise InputError(f"threshold {args.threshold} is outside [0, 1); give e.g. 0.5")
+    threshold = None if args.threshold is None else raster_threshold(args.pred, args.threshold)
     result = evaluate_rasters(
         args.pred,
         args.truth,
-        threshold=args.threshold,
+        threshold=threshold,
         sweep=args.sweep,
         truth_values=args.truth_values,
         truth_nodata=args.truth_nodata,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults as d
 from kdmsi_engine.progress import Progress
 
 NAME = "grid"
@@ -12,10 +13,12 @@ NAME = "grid"
 
 def add_scene_options(parser: argparse.ArgumentParser) -> None:
     """Tile and grid options shared by ``grid`` and ``labels``."""
-    parser.add_argument("--tile-size", type=int, default=256, help="tile size in pixels (256)")
+    parser.add_argument(
+        "--tile-size", type=int, default=d.TILE_SIZE, help=f"tile size in pixels ({d.TILE_SIZE})"
+    )
     parser.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (0)")
     parser.add_argument(
-        "--bands", default=None, help="bands to use, e.g. 1,2,3 (default: first three)"
+        "--bands", default=None, help="bands to use, e.g. 1,2,3 (default: every band)"
     )
     parser.add_argument(
         "--min-valid",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults as d
 from kdmsi_engine.progress import Progress
 
 NAME = "infer"
@@ -27,11 +28,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("after", help="raster of date 2")
     parser.add_argument("--model", required=True, help="KD-MSI model file from 'kdmsi train'")
     parser.add_argument("-o", "--output", required=True, help="output probability GeoTIFF")
-    parser.add_argument("--method", choices=("msi", "mi", "student", "cam"), default="msi")
-    parser.add_argument("--scales", default="0.5,1,1.5,2", help="scales of msi/mi")
+    parser.add_argument("--method", choices=d.MAP_METHODS, default=d.MAP_METHOD)
+    parser.add_argument("--scales", default=d.MSI_SCALES_TEXT, help="scales of msi/mi")
     parser.add_argument("--tile-size", type=int, help="window size (default: the model's)")
     parser.add_argument("--overlap", type=int, help="window overlap (default: tile size / 4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=d.INFER_BATCH_SIZE, help="windows per forward pass"
+    )
     parser.set_defaults(handler=_handle)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults as d
 from kdmsi_engine.progress import Progress
 
 NAME = "pseudo"
@@ -27,10 +28,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("prob", help="change probability GeoTIFF from 'kdmsi infer'")
     parser.add_argument("-o", "--output", required=True, help="output pseudo-label GeoTIFF")
     parser.add_argument(
-        "--threshold", default="0.3", help="a number in [0, 1), auto, otsu or unchanged-q"
+        "--threshold",
+        default=d.PSEUDO_THRESHOLD,
+        help=f"a number in [0, 1), auto, otsu or unchanged-q (default {d.PSEUDO_THRESHOLD})",
     )
     parser.add_argument("--labels", required=True, help="weak labels (vector file)")
-    parser.add_argument("--label-field", default="change", help="1 changed, 0 unchanged")
+    parser.add_argument("--label-field", default=d.LABEL_FIELD, help="1 changed, 0 unchanged")
     parser.add_argument(
         "--unmarked-unchanged",
         action="store_true",

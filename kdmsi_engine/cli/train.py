@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kdmsi_engine.models.backbones import BACKBONES
+from kdmsi_engine import defaults as d
 from kdmsi_engine.models.kdmsi import COMBINATIONS
 from kdmsi_engine.progress import Progress
 from kdmsi_engine.training.kd import train_kdmsi
@@ -30,7 +30,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("before", nargs="?", help="raster of the first date")
     parser.add_argument("after", nargs="?", help="raster of the second date")
     parser.add_argument("--labels", help="weak labels: polygons/points with a change field")
-    parser.add_argument("--label-field", default="change", help="label field (change)")
+    parser.add_argument("--label-field", default=d.LABEL_FIELD, help="label field (change)")
     parser.add_argument(
         "--unmarked-unchanged",
         action="store_true",
@@ -39,28 +39,39 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", metavar="MANIFEST", help="CSV name,before,after,labels")
     parser.add_argument("--dataset", metavar="DIR", help="folder dataset with A/ B/ label/")
     parser.add_argument("-o", "--output", required=True, help="model file to write (.kdmsi)")
-    parser.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="(resnet50)")
+    parser.add_argument(
+        "--backbone",
+        choices=d.BACKBONE_CHOICES,
+        default=d.BACKBONE,
+        help=f"({d.BACKBONE}: efficientnet-lite0 unless a GPU and resnet50's weights are here)",
+    )
     parser.add_argument(
         "--weights",
-        default="imagenet",
+        default=d.WEIGHTS_DEFAULT,
         help="starting backbone weights: imagenet, none, or a state-dict FILE (imagenet)",
     )
-    parser.add_argument("--epochs", type=int, default=20, help="(20)")
-    parser.add_argument("--batch-size", type=int, default=8, help="(8)")
-    parser.add_argument("--lr", type=float, default=0.001, help="base learning rate (0.001)")
-    parser.add_argument("--kd-weight", type=float, default=10.0, help="lambda of L_kd (10)")
+    parser.add_argument("--epochs", type=int, default=d.KD_EPOCHS, help=f"({d.KD_EPOCHS})")
     parser.add_argument(
-        "--teacher-combination", choices=COMBINATIONS, default="diff", help="(diff)"
+        "--batch-size", type=int, default=d.KD_BATCH_SIZE, help=f"({d.KD_BATCH_SIZE})"
+    )
+    parser.add_argument("--lr", type=float, default=d.KD_LR, help=f"base learning rate ({d.KD_LR})")
+    parser.add_argument(
+        "--kd-weight", type=float, default=d.KD_WEIGHT, help=f"lambda of L_kd ({d.KD_WEIGHT:g})"
     )
     parser.add_argument(
-        "--student-combination", choices=COMBINATIONS, default="diff", help="(diff)"
+        "--teacher-combination", choices=COMBINATIONS, default=d.TEACHER_COMBINATION, help="(diff)"
     )
-    parser.add_argument("--tile-size", type=int, default=256, help="tile size in pixels (256)")
+    parser.add_argument(
+        "--student-combination", choices=COMBINATIONS, default=d.STUDENT_COMBINATION, help="(diff)"
+    )
+    parser.add_argument(
+        "--tile-size", type=int, default=d.TILE_SIZE, help=f"tile size in pixels ({d.TILE_SIZE})"
+    )
     parser.add_argument(
         "--min-valid", type=float, default=0.5, help="minimum valid fraction of a tile (0.5)"
     )
-    parser.add_argument("--bands", default=None, help="bands, e.g. 1,2,3 (first three)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--bands", default=None, help="bands, e.g. 1,2,3 (default: every band)")
+    parser.add_argument("--seed", type=int, default=d.SEED, help="random seed (0)")
     parser.add_argument(
         "--no-augment",
         action="store_true",

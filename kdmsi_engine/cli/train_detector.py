@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults as d
 from kdmsi_engine.progress import Progress
 
 NAME = "train-detector"
@@ -39,37 +40,51 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --scenes: pseudo labels DIR/<name>.tif or DIR/<name>/pseudo_labels.tif",
     )
-    parser.add_argument("--bands", help="bands to use, e.g. 1,2,3 (default: the first three)")
+    parser.add_argument("--bands", help="bands to use, e.g. 1,2,3 (default: every band)")
     parser.add_argument(
         "--backbone",
-        default="resnet50",
-        help="resnet18, resnet34, resnet50 or efficientnet-lite0 (default resnet50)",
+        default=d.BACKBONE,
+        choices=d.BACKBONE_CHOICES,
+        help=f"{', '.join(d.BACKBONE_CHOICES)} (default {d.BACKBONE}: efficientnet-lite0 unless "
+        "a GPU and resnet50's weights are here)",
     )
     parser.add_argument(
         "--weights",
-        default="imagenet",
+        default=d.WEIGHTS_DEFAULT,
         help="starting weights of the encoder: imagenet, none or a state-dict file",
     )
-    parser.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
-    parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default 16)")
-    parser.add_argument("--lr", type=float, default=0.007, help="base learning rate (0.007)")
+    parser.add_argument(
+        "--epochs", type=int, default=d.DETECTOR_EPOCHS, help=f"epochs ({d.DETECTOR_EPOCHS})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.DETECTOR_BATCH_SIZE,
+        help=f"tiles per step ({d.DETECTOR_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d.DETECTOR_LR, help=f"base learning rate ({d.DETECTOR_LR})"
+    )
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
-    parser.add_argument("--tile-size", type=int, default=256, help="training tile size (256)")
+    parser.add_argument(
+        "--tile-size", type=int, default=d.TILE_SIZE, help=f"training tile size ({d.TILE_SIZE})"
+    )
     parser.add_argument(
         "--min-labelled",
         type=float,
-        default=0.25,
-        help="fraction of labelled pixels a tile needs to train (default 0.25)",
+        default=d.MIN_LABELLED,
+        help=f"fraction of labelled pixels a tile needs to train ({d.MIN_LABELLED})",
     )
     parser.add_argument("--max-tiles", type=int, help="train on at most this many tiles")
     parser.add_argument(
         "--class-weights",
-        choices=("none", "balanced"),
-        default="none",
-        help="cross-entropy class weights: none (paper) or balanced (for rare change)",
+        choices=d.CLASS_WEIGHTS,
+        default=d.DETECTOR_CLASS_WEIGHTS,
+        help="cross-entropy class weights: none (paper) or balanced (for rare change) "
+        f"(default {d.DETECTOR_CLASS_WEIGHTS})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=d.SEED, help="random seed (default 0)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint OUT.ckpt"
     )

@@ -91,11 +91,14 @@ def _select_bands(before: Any, after: Any, bands: tuple[int, ...] | None) -> tup
                     f"{ds.count} band(s); choose bands between 1 and {ds.count}"
                 )
         return bands
+    # Every band by default: change shows in the near and short-wave infrared as much as in
+    # the visible bands (measured by ``make accuracy``); rasters with different band counts
+    # fall back to their first three.
     b_bands, a_bands = data_bands(before), data_bands(after)
-    if len(b_bands) >= 3 and len(a_bands) >= 3:
-        chosen = b_bands[:3]
-    elif len(b_bands) == len(a_bands):
+    if len(b_bands) == len(a_bands):
         chosen = b_bands
+    elif len(b_bands) >= 3 and len(a_bands) >= 3:
+        chosen = b_bands[:3]
     else:
         raise InputError(
             f"the before raster has {len(b_bands)} band(s) and the after raster {len(a_bands)}; "
@@ -164,8 +167,8 @@ class ScenePair:
         Args:
             before: raster of the first date (any GDAL raster, VRTs included).
             after: raster of the second date.
-            bands: 1-based band indexes (``"1,2,3"`` or a sequence); default the first three
-                (all bands when a raster has fewer than three).
+            bands: 1-based band indexes (``"1,2,3"`` or a sequence); default every data band
+                (not alpha) when both rasters have the same count, else the first three.
             target_crs: work in this CRS instead of the before raster's.
             resolution: pixel size in the working CRS's units (one number or ``(x, y)``).
             scaling: the band scaling to use (e.g. from a model file); computed when ``None``.

@@ -155,8 +155,11 @@ class SiameseDeepLabV3Plus(nn.Module):
         low_feat = self.reduce(low_diff)
         x = F.interpolate(x, size=low_feat.shape[-2:], mode="bilinear", align_corners=False)
         x = self.decoder(torch.cat([x, low_feat.to(x.dtype)], dim=1))
-        logits = self.classifier(x)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        # The classifier and the upsampling run in float32 even under autocast: the
+        # probabilities are thresholded, and bf16 logits tie at thresholds.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.classifier(x.float())
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def architecture_dict(

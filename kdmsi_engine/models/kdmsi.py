@@ -71,7 +71,11 @@ class SiameseCAMNet(nn.Module):
         return torch.cat([f2, f1], dim=1)
 
     def forward(self, before: Tensor, after: Tensor) -> Tensor:
-        return self.classifier(self.features(before, after)).float()
+        features = self.features(before, after)
+        # The 1x1 classifier runs in float32 even under autocast: its output is thresholded, and
+        # bf16 logits (3 significant digits) make many pixels tie at a threshold.
+        with torch.autocast(features.device.type, enabled=False):
+            return self.classifier(features.float())
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (possibly pretrained) backbone: base learning rate."""

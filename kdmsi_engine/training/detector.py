@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.enums import Resampling
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import check_output
 from kdmsi_engine.data.raster import GridReader
 from kdmsi_engine.data.scene import ScenePair
@@ -94,22 +95,25 @@ class DetectorScene:
 class DetectorConfig:
     """Stage-2 training parameters (paper defaults)."""
 
-    backbone: str = "resnet50"
-    weights: str = "imagenet"
-    tile_size: int = 256
-    min_labelled: float = 0.25
-    epochs: int = 50
-    batch_size: int = 16
-    lr: float = 0.007
+    backbone: str = defaults.BACKBONE
+    weights: str = defaults.WEIGHTS_DEFAULT
+    tile_size: int = defaults.TILE_SIZE
+    min_labelled: float = defaults.MIN_LABELLED
+    epochs: int = defaults.DETECTOR_EPOCHS
+    batch_size: int = defaults.DETECTOR_BATCH_SIZE
+    lr: float = defaults.DETECTOR_LR
     momentum: float = 0.9
     weight_decay: float = 1e-4
     new_lr_mult: float = 10.0
     poly_power: float = 0.9
     seed: int = 0
     max_tiles: int | None = None
+    #: A KD-MSI model file whose student backbone starts the encoder (instead of ``weights``):
+    #: stage 1 has already adapted it to these images and this change.
+    init_from: str | None = None
     #: ``none`` (paper: plain cross-entropy) or ``balanced`` (class weights inversely
     #: proportional to the classes' pixel counts in the training tiles, for rare change).
-    class_weights: str = "none"
+    class_weights: str = defaults.DETECTOR_CLASS_WEIGHTS
 
     def check(self) -> None:
         if self.class_weights not in ("none", "balanced"):
@@ -144,18 +148,18 @@ def train_detector(
     scenes: str | os.PathLike[str] | None = None,
     pseudo_dir: str | os.PathLike[str] | None = None,
     bands: object = None,
-    backbone: str = "resnet50",
-    weights: str = "imagenet",
-    tile_size: int = 256,
-    min_labelled: float = 0.25,
-    epochs: int = 50,
-    batch_size: int = 16,
-    lr: float = 0.007,
+    backbone: str = defaults.BACKBONE,
+    weights: str = defaults.WEIGHTS_DEFAULT,
+    tile_size: int = defaults.TILE_SIZE,
+    min_labelled: float = defaults.MIN_LABELLED,
+    epochs: int = defaults.DETECTOR_EPOCHS,
+    batch_size: int = defaults.DETECTOR_BATCH_SIZE,
+    lr: float = defaults.DETECTOR_LR,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     seed: int = 0,
     max_tiles: int | None = None,
-    class_weights: str = "none",
+    class_weights: str = defaults.DETECTOR_CLASS_WEIGHTS,
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
@@ -170,7 +174,7 @@ def train_detector(
         scenes: manifest CSV (``name,before,after,labels`` and optionally ``pseudo``) instead
             of one scene.
         pseudo_dir: folder with ``<name>.tif`` or ``<name>/pseudo_labels.tif`` per scene.
-        bands: 1-based bands (default: the first three).
+        bands: 1-based bands (default: every band, see :func:`ScenePair.open`).
         backbone, weights: encoder and its starting weights (``imagenet``, ``none``, a file).
         tile_size, min_labelled: training tiles and the labelled fraction they need.
         epochs, batch_size, lr, momentum, weight_decay, seed: optimisation.
@@ -440,6 +444,14 @@ def train_detector_scenes(
     target = check_output(out_path, overwrite=overwrite)
     ckpt = checkpoint_path(target)
     torch_device = resolve_device(device)
+    if config.backbone == "auto":
+        from dataclasses import replace
+
+        from kdmsi_engine.models.backbones import resolve_backbone
+
+        chosen, reason = resolve_backbone(config.backbone, config.weights, torch_device)
+        config = replace(config, backbone=chosen)
+        progress.log(f"backbone: {reason}")
     for spec in specs:
         if not Path(spec.pseudo).is_file():
             raise RasterError(
@@ -457,8 +469,12 @@ def train_detector_scenes(
         # Build the network first: a bad backbone or weights fails before any tile is read.
         seed_everything(config.seed)
         model = build_detector(
-            config.backbone, in_channels=scenes[0].num_bands, weights=config.weights
+            config.backbone,
+            in_channels=scenes[0].num_bands,
+            weights="none" if config.init_from else config.weights,
         )
+        if config.init_from:
+            encoder_from_student(model, config.init_from)
         tiles = _select_tiles(scenes, readers, config, progress)
         bytes_needed = len(tiles) * config.tile_size**2 * (scenes[0].num_bands * 2 * 2 + 1)
         data = _TileSet(scenes, readers, tiles, cache=bytes_needed <= CACHE_BYTES)
@@ -488,6 +504,27 @@ def train_detector_scenes(
     }
 
 
+def encoder_from_student(model: Any, kd_model: str | os.PathLike[str]) -> None:
+    """Start the detector's encoder from the student backbone of a KD-MSI model file.
+
+    Raises:
+        InputError: the KD model has another backbone or band count than the detector.
+    """
+    from kdmsi_engine.models.kdmsi import load_kdmsi_model
+
+    _, student, metadata = load_kdmsi_model(kd_model)
+    arch = metadata.get("architecture", {})
+    wanted = (model.backbone.name, model.backbone.in_channels)
+    found = (arch.get("backbone"), arch.get("in_channels"))
+    if found != wanted:
+        raise InputError(
+            f"the KD-MSI model {Path(kd_model).name} has a {found[0]} backbone on {found[1]} "
+            f"band(s), the detector a {wanted[0]} on {wanted[1]}; use the same backbone and bands"
+        )
+    model.backbone.load_state_dict(student.backbone.state_dict(), strict=True)
+    logger.info("detector encoder starts from the student of %s", kd_model)
+
+
 def _metadata(
     specs: Sequence[DetectorScene],
     scenes: list[ScenePair],
@@ -504,7 +541,7 @@ def _metadata(
         "scaling": scenes[0].scaling.to_dict() if len(scenes) == 1 else None,
         "scalings": {scene.name: scene.scaling.to_dict() for scene in scenes},
         "tile_size": config.tile_size,
-        "backbone_weights": config.weights,
+        "backbone_weights": config.init_from or config.weights,
         "training": {
             "scenes": [
                 {

@@ -8,13 +8,18 @@ from kdmsi_qgis.algorithms.detection import (
     VectorizeAlgorithm,
 )
 from kdmsi_qgis.algorithms.evaluation import EvaluateAlgorithm
-from kdmsi_qgis.algorithms.maps import ChangeProbabilityAlgorithm, PseudoLabelsAlgorithm
+from kdmsi_qgis.algorithms.maps import (
+    ChangeProbabilityAlgorithm,
+    PseudoLabelsAlgorithm,
+    QuickPreviewAlgorithm,
+)
 from kdmsi_qgis.algorithms.prepare import LabellingGridAlgorithm
 from kdmsi_qgis.algorithms.training import TrainDetectorAlgorithm, TrainModelAlgorithm
 
 #: Every algorithm the provider offers, in workflow order.
 ALGORITHM_CLASSES = (
     LabellingGridAlgorithm,
+    QuickPreviewAlgorithm,
     TrainModelAlgorithm,
     ChangeProbabilityAlgorithm,
     PseudoLabelsAlgorithm,

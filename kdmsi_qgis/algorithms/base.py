@@ -27,12 +27,14 @@ from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
 
 from kdmsi_qgis import layers, worker
+from kdmsi_qgis.contract import D
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "resnet18", "resnet34", "efficientnet-lite0")
-WEIGHTS = ("imagenet", "none")
-METHODS = ("msi", "mi", "student", "cam")
+#: Choice lists, the engine's default first (enum parameters default to their first option).
+BACKBONES = D.BACKBONE_CHOICES
+WEIGHTS = D.WEIGHTS
+METHODS = D.MAP_METHODS
 MODEL_FILTER = "KD-MSI model (*.kdmsi);;All files (*.*)"
 
 
@@ -171,7 +173,7 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
             )
         )
 
-    def add_tile_size_parameter(self, default: int = 256) -> None:
+    def add_tile_size_parameter(self, default: int = D.TILE_SIZE) -> None:
         self.addParameter(
             QgsProcessingParameterNumber(
                 self.TILE_SIZE,
@@ -188,7 +190,7 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
             advanced(
                 QgsProcessingParameterString(
                     self.BANDS,
-                    self.tr("Bands (comma-separated, 1-based; empty = first three)"),
+                    self.tr("Bands (comma-separated, 1-based; empty = every band)"),
                     defaultValue="",
                     optional=True,
                 )

@@ -16,6 +16,7 @@ from qgis.core import (
 
 from kdmsi_qgis import layers
 from kdmsi_qgis.algorithms.base import METHODS, KdmsiAlgorithm, advanced
+from kdmsi_qgis.contract import D
 
 
 def check_scales(text: str) -> str:
@@ -31,6 +32,87 @@ def check_scales(text: str) -> str:
             "e.g. 0.5,1,1.5,2"
         )
     return cleaned
+
+
+def threshold_argument(text: str, named: tuple[str, ...]) -> str:
+    """A threshold typed by the user: a number in (0, 1) or one of ``named``."""
+    cleaned = (text or "").strip().lower()
+    if cleaned in named:
+        return cleaned
+    try:
+        value = float(cleaned)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise QgsProcessingException(
+            f"threshold {text!r} is neither a number in (0, 1) nor one of {', '.join(named)}; "
+            f"give e.g. 0.3 or {named[0]}"
+        )
+    return repr(value)
+
+
+class QuickPreviewAlgorithm(KdmsiAlgorithm):
+    """``kdmsi cva``: change vector analysis, no labels and no training."""
+
+    ID = "quickpreview"
+    DISPLAY = "Quick change preview (no training)"
+    GROUP = "3. Maps"
+    GROUP_ID = "maps"
+    THRESHOLD = "THRESHOLD"
+    CHANGE = "CHANGE"
+    HELP = (
+        "Change vector analysis: each band is scaled to 0..1 by its 2nd-98th percentiles over "
+        "both dates, and each pixel gets the root mean square of its band differences (0..1). "
+        "The change raster marks the pixels above the threshold: otsu (the default) picks it "
+        "from the map itself.\n\n"
+        "No labels and no training: seconds even on large scenes. Look at it first to see "
+        "where the images differ; the trained chain ('Run the whole chain') learns from your "
+        "labels which differences are change that matters to you (season, haze and sensor "
+        "differences are not)."
+    )
+
+    def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802
+        self.add_scene_parameters()
+        self.addParameter(
+            QgsProcessingParameterString(
+                self.THRESHOLD,
+                self.tr("Threshold of the change raster (a number or otsu)"),
+                defaultValue=D.CVA_THRESHOLD,
+            )
+        )
+        self.add_bands_parameter()
+        self.addParameter(
+            QgsProcessingParameterRasterDestination(
+                self.OUTPUT, self.tr("Change magnitude (CVA, 0..1)")
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterRasterDestination(self.CHANGE, self.tr("Change (thresholded)"))
+        )
+
+    def processAlgorithm(  # noqa: N802
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        arguments = self.scene_arguments(parameters, context)
+        output = self.output_layer(parameters, self.OUTPUT, context)
+        change = self.output_layer(parameters, self.CHANGE, context)
+        threshold = threshold_argument(
+            self.parameterAsString(parameters, self.THRESHOLD, context), ("otsu",)
+        )
+        arguments += ["-o", output, "--change", change, "--threshold", threshold]
+        arguments += self.bands_arguments(parameters, context)
+        result = self.run_engine("cva", arguments, feedback)
+        self.style_on_load(context, output, "preview")
+        self.style_on_load(context, change, "preview_change")
+        return {
+            self.OUTPUT: output,
+            self.CHANGE: change,
+            "THRESHOLD_USED": result.get("threshold"),
+            "CHANGED_FRACTION": result.get("changed_fraction"),
+        }
 
 
 class ChangeProbabilityAlgorithm(KdmsiAlgorithm):
@@ -59,7 +141,7 @@ class ChangeProbabilityAlgorithm(KdmsiAlgorithm):
         self.addParameter(
             advanced(
                 QgsProcessingParameterString(
-                    self.SCALES, self.tr("Scales (msi and mi)"), defaultValue="0.5,1,1.5,2"
+                    self.SCALES, self.tr("Scales (msi and mi)"), defaultValue=D.MSI_SCALES_TEXT
                 )
             )
         )
@@ -102,11 +184,12 @@ class PseudoLabelsAlgorithm(KdmsiAlgorithm):
         "On tiles the weak labels mark as changed: 1 where the probability is above the "
         "threshold, else 0; tiles marked unchanged are all 0; unlabelled tiles and nodata are "
         "255 (ignored). Use the weak labels the model was trained with.\n\n"
-        "Threshold: 0.3 is the paper's value for MSI maps; tick 'choose the threshold "
-        "automatically' to let the engine pick one (Otsu on the changed tiles, never below "
-        "what unchanged tiles reach). Look at the "
-        "result over the after image: if real changes are missing lower the threshold, if "
-        "noise is labelled as change raise it. Next: 'Train change detector'."
+        "Threshold: a number (0.3 is the paper's value for MSI maps) or a rule that needs no "
+        "pixel truth: unchanged-q (the default: the 99th percentile of the map on tiles "
+        "labelled unchanged, so about 1 % false positives there), otsu (Otsu on the changed "
+        "tiles) or auto (the higher of the two). 'Choose the threshold automatically' is "
+        "auto. Look at the result over the after image: if real changes are missing lower the "
+        "threshold, if noise is labelled as change raise it. Next: 'Train change detector'."
     )
 
     def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802
@@ -121,7 +204,13 @@ class PseudoLabelsAlgorithm(KdmsiAlgorithm):
                 self.UNMARKED_UNCHANGED, self.tr("Tiles without a label are unchanged"), False
             )
         )
-        self.add_float(self.THRESHOLD, self.tr("Threshold"), 0.3, minimum=0.0)
+        self.addParameter(
+            QgsProcessingParameterString(
+                self.THRESHOLD,
+                self.tr("Threshold (a number, unchanged-q, otsu or auto)"),
+                defaultValue=D.PSEUDO_THRESHOLD,
+            )
+        )
         self.addParameter(
             QgsProcessingParameterBoolean(
                 self.AUTO_THRESHOLD, self.tr("Choose the threshold automatically"), False
@@ -141,15 +230,13 @@ class PseudoLabelsAlgorithm(KdmsiAlgorithm):
             self.parameterAsRasterLayer(parameters, self.PROBABILITY, context),
             self.tr("Change probability"),
         )
-        threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
         if self.parameterAsBoolean(parameters, self.AUTO_THRESHOLD, context):
             threshold_text = "auto"
-        elif not 0.0 < threshold < 1.0:
-            raise QgsProcessingException(
-                self.tr("threshold {} is outside (0, 1); use e.g. 0.3").format(threshold)
-            )
         else:
-            threshold_text = repr(float(threshold))
+            threshold_text = threshold_argument(
+                self.parameterAsString(parameters, self.THRESHOLD, context),
+                D.PSEUDO_THRESHOLDS,
+            )
         output = self.output_layer(parameters, self.OUTPUT, context)
         arguments = [probability, "-o", output, "--threshold", threshold_text]
         arguments += self.labels_arguments(parameters, context, feedback)

@@ -13,6 +13,7 @@ from qgis.core import (
 
 from kdmsi_qgis import layers
 from kdmsi_qgis.algorithms.base import BACKBONES, MODEL_FILTER, WEIGHTS, KdmsiAlgorithm
+from kdmsi_qgis.contract import D
 
 
 class _TrainingAlgorithm(KdmsiAlgorithm):
@@ -23,14 +24,16 @@ class _TrainingAlgorithm(KdmsiAlgorithm):
     LEARNING_RATE = "LEARNING_RATE"
     GROUP = "2. Train"
     GROUP_ID = "train"
-    DEFAULT_EPOCHS = 20
-    DEFAULT_BATCH = 8
-    DEFAULT_LR = 0.001
+    DEFAULT_EPOCHS = D.KD_EPOCHS
+    DEFAULT_BATCH = D.KD_BATCH_SIZE
+    DEFAULT_LR = D.KD_LR
 
     def add_training_parameters(self) -> None:
         self.add_enum(self.BACKBONE, self.tr("Backbone"), BACKBONES)
         self.add_enum(
-            self.WEIGHTS, self.tr("Start from weights (imagenet needs internet once)"), WEIGHTS
+            self.WEIGHTS,
+            self.tr("Start from weights (ResNet imagenet weights need internet once)"),
+            WEIGHTS,
         )
         self.add_int(self.EPOCHS, self.tr("Epochs"), self.DEFAULT_EPOCHS)
         self.add_int(self.BATCH_SIZE, self.tr("Batch size"), self.DEFAULT_BATCH, adv=True)
@@ -74,9 +77,9 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         "polygons or points with an integer field, 1 = changed, 0 = unchanged. A tile is "
         "changed if it touches a changed feature, unchanged if it touches only unchanged "
         "ones; other tiles are not used. You need both classes.\n\n"
-        "Make labels with 'Create labelling grid', or draw polygons. On a CPU pick resnet18 "
-        "and a few epochs first; 'imagenet' weights train much better than 'none' but need "
-        "internet the first time (efficientnet-lite0 ships its ImageNet weights).\n\n"
+        "Make labels with 'Create labelling grid', or draw polygons. Backbone 'auto' starts "
+        "from efficientnet-lite0's ImageNet weights, which ship with the engine (the paper's "
+        "resnet50 is used on a GPU when its ImageNet weights are on this machine).\n\n"
         "The model file (.kdmsi) keeps both networks, the bands and their scaling; use it in "
         "'Change probability map'."
     )
@@ -86,7 +89,11 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         self.add_labels_parameters()
         self.add_training_parameters()
         self.add_float(
-            self.KD_WEIGHT, self.tr("Distillation weight (lambda)"), 10.0, minimum=0.0, adv=True
+            self.KD_WEIGHT,
+            self.tr("Distillation weight (lambda)"),
+            D.KD_WEIGHT,
+            minimum=0.0,
+            adv=True,
         )
         self.add_tile_size_parameter()
         self.add_bands_parameter()
@@ -116,16 +123,15 @@ class TrainDetectorAlgorithm(_TrainingAlgorithm):
     ID = "traindetector"
     DISPLAY = "Train change detector"
     PSEUDO = "PSEUDO"
-    DEFAULT_EPOCHS = 50
-    DEFAULT_BATCH = 16
-    DEFAULT_LR = 0.007
+    DEFAULT_EPOCHS = D.DETECTOR_EPOCHS
+    DEFAULT_BATCH = D.DETECTOR_BATCH_SIZE
+    DEFAULT_LR = D.DETECTOR_LR
     HELP = (
         "Trains the Siamese DeepLabV3+ change detector on the pseudo labels made by 'Pseudo "
         "labels' (1 change, 0 no change, 255 ignored). The detector learns sharper, more "
         "complete change areas than the probability map it was taught from.\n\n"
-        "Use the same before/after images as for the pseudo labels. On a CPU pick resnet18 "
-        "and few epochs first. Then run 'Detect changes' with the detector file, on these "
-        "images or on new ones with the same bands."
+        "Use the same before/after images as for the pseudo labels. Then run 'Detect "
+        "changes' with the detector file, on these images or on new ones with the same bands."
     )
 
     def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802

@@ -37,9 +37,13 @@ def test_weak_labels_come_from_the_reference(shared_data):
         assert area == np.count_nonzero(ref == value) * 900.0
 
 
-def test_demo_command_parses(tmp_path):
+def test_demo_runs_the_chain_defaults(tmp_path):
+    """The demo is what ``kdmsi run`` does with no options (the tile size aside)."""
+    from kdmsi_engine.cli.run import config_from_args
+    from kdmsi_engine.pipeline import RunConfig
+
     args = build_parser().parse_args(demo_arguments(tmp_path / "out"))
     assert args.command == "run" and args.overwrite
-    assert args.backbone == "efficientnet-lite0" and args.weights == "imagenet"
     assert args.device == "cpu" and args.truth.endswith("taizhou_truth.tif")
-    assert args.bands == "3,2,1,4,5,6" and args.tile_size == 64
+    assert args.tile_size == 64
+    assert config_from_args(args) == RunConfig(tile_size=64)

@@ -10,6 +10,7 @@ import pytest
 import rasterio
 import torch
 
+from kdmsi_engine import defaults
 from kdmsi_engine.cli import main
 from kdmsi_engine.data.tiling import tile_windows
 from kdmsi_engine.errors import CancelledError, LabelError
@@ -85,7 +86,11 @@ def test_cli_trains_a_detector_on_labelled_tiles(tmp_path, taizhou):
     assert meta["architecture"]["backbone"] == "resnet18"
     assert meta["architecture"]["in_channels"] == 3
     training = meta["training"]
-    assert (training["epochs"], training["batch_size"], training["lr"]) == (1, 4, 0.007)
+    assert (training["epochs"], training["batch_size"], training["lr"]) == (
+        1,
+        4,
+        defaults.DETECTOR_LR,
+    )
     assert training["momentum"] == 0.9 and training["new_lr_mult"] == 10.0
     assert np.isfinite(training["final_loss"])
     assert not checkpoint_path(out).exists()

@@ -14,8 +14,9 @@ from kdmsi_engine.errors import OutputError
 from kdmsi_engine.pipeline import run_scene
 
 FILES = (
-    "student.kdmsi", "msi_probability.tif", "pseudo_labels.tif", "detector.kdmsi",
-    "change_probability.tif", "change.tif", "changes.gpkg", "run.json",
+    "student.kdmsi", "msi_probability.tif", "change_evidence.tif", "pseudo_labels.tif",
+    "detector.kdmsi", "detector_probability.tif", "change_probability.tif", "change.tif",
+    "changes.gpkg", "run.json",
 )  # fmt: skip
 
 
@@ -37,7 +38,9 @@ def test_every_stage_writes_its_file_on_the_scene_grid(run):
         grid = (ref.crs, ref.transform, ref.width, ref.height)
     for name in (
         "msi_probability.tif",
+        "change_evidence.tif",
         "pseudo_labels.tif",
+        "detector_probability.tif",
         "change_probability.tif",
         "change.tif",
     ):
@@ -59,12 +62,27 @@ def test_run_record(run):
     assert set(saved["stages"]) == {"kd", "msi", "pseudo", "detector", "detect"}
     assert saved["stages"]["detector"]["tiles"] > 0
     assert isinstance(saved["stages"]["pseudo"]["threshold"], float)
+    assert saved["stages"]["pseudo"]["source"] == "evidence"
+    assert saved["stages"]["pseudo"]["evidence"]["calibration"] == "unchanged-tiles"
+    detect = saved["stages"]["detect"]["parameters"]
+    assert detect["threshold_method"] == "unchanged-q" and 0 <= detect["threshold"] < 1
+    assert detect["unchanged_tiles_kept_out"] is True
+    trust = saved["trust"]
+    assert 0 <= trust["tile_agreement"] <= 1 and isinstance(trust["warnings"], list)
+    assert trust["trusted"] == (not trust["warnings"])
     for lib in ("torch", "rasterio", "gdal", "numpy", "shapely", "python"):
         assert saved["versions"][lib], lib
     assert saved["device"].startswith("cpu")
     assert saved["grid"]["crs"] == "EPSG:32651" and saved["grid"]["width"] == 96
     metrics = saved["metrics"]
-    for stage in ("change", "change_probability", "msi_probability", "pseudo_labels"):
+    for stage in (
+        "change",
+        "change_probability",
+        "detector_probability",
+        "change_evidence",
+        "msi_probability",
+        "pseudo_labels",
+    ):
         m = metrics[stage]
         assert 0 <= m["iou"] <= 1 and 0 <= m["oa"] <= 1
         assert m["iou"] + m["fp_share"] + m["fn_share"] == pytest.approx(1) or m["iou"] == 0
@@ -83,3 +101,31 @@ def test_existing_outputs_refused_before_any_work(run):
             device="cpu",
         )  # fmt: skip
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_tiles_labelled_unchanged_stay_unchanged(run):
+    """Pseudo labels and the final map never mark change on a tile labelled unchanged; the
+    unchanged tiles held out to calibrate the threshold are left out of the detector's labels."""
+    from kdmsi_engine.data.labels import labelled_tiles
+    from kdmsi_engine.data.scene import ScenePair
+    from kdmsi_engine.pseudo import TileLabels
+
+    scene, out, record = run
+    config = tiny_config()
+    with ScenePair.open(scene["before"], scene["after"]) as pair:
+        tiles = TileLabels.from_frame(
+            labelled_tiles(pair, scene["labels"], tile_size=config.tile_size)
+        )
+        height, width = pair.grid.height, pair.grid.width
+    state = tiles.state(0, height, width)
+    assert (state == 0).any() and (state == 1).any()
+    held_out = tiles.held_out_split(config.calibration_fraction, config.seed)
+    held = tiles.only(held_out).state(0, height, width) == 0
+    with rasterio.open(out / "pseudo_labels.tif") as ds:
+        pseudo = ds.read(1)
+    with rasterio.open(out / "change.tif") as ds:
+        change = ds.read(1)
+    assert not (pseudo[state == 0] == 1).any()
+    assert (pseudo[held] == 255).all()
+    assert record["stages"]["pseudo"]["held_out_tiles"] == int(held_out.sum())
+    assert not (change[state == 0] == 1).any()

@@ -155,11 +155,11 @@ def test_otsu_and_auto_threshold():
     assert 0.25 < otsu < 0.55  # between the modes (0.15 + 3 sd, 0.7 - 3 sd)
     value, info = choose_threshold("auto", hc, hu, edges)
     assert value == pytest.approx(otsu)
-    assert info["unchanged_q99"] == pytest.approx(0.198, abs=0.005)
+    assert info["unchanged_q"] == pytest.approx(0.198, abs=0.005)
     # noisy unchanged tiles push auto above Otsu: false positives stay bounded
     hu_noisy = np.histogram(rng.uniform(0.0, 0.8, 8000), edges)[0]
     value2, info2 = choose_threshold("auto", hc, hu_noisy, edges)
-    assert value2 == pytest.approx(info2["unchanged_q99"]) and value2 > 0.75
+    assert value2 == pytest.approx(info2["unchanged_q"]) and value2 > 0.75
     # no changed tile: otsu impossible, auto falls back to the quantile
     v3, _ = choose_threshold("auto", np.zeros(1000, np.int64), hu, edges)
     assert v3 == pytest.approx(0.198, abs=0.005)

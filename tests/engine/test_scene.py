@@ -37,7 +37,7 @@ def _oscd(shared_data: Path, city: str) -> tuple[Path, Path]:
     return shared_data / "oscd" / "A" / f"{city}.tif", shared_data / "oscd" / "B" / f"{city}.tif"
 
 
-def _reference(path: Path, grid: Grid, window: Window, bands=(1, 2, 3)) -> np.ndarray:
+def _reference(path: Path, grid: Grid, window: Window, bands=(1, 2, 3, 4)) -> np.ndarray:
     """Independent bilinear resampling of a raster onto a window of ``grid``."""
     out = np.zeros((len(bands), int(window.height), int(window.width)), dtype=np.float32)
     with rasterio.open(path) as src:
@@ -77,7 +77,7 @@ def test_oscd_geographic_goes_to_utm(shared_data: Path) -> None:
         assert gb.left == pytest.approx(fb[0], abs=2 * grid.res[0])
         assert gb.top == pytest.approx(fb[3], abs=2 * grid.res[1])
         assert scene.warped == (True, True)
-        assert scene.bands == (1, 2, 3)
+        assert scene.bands == (1, 2, 3, 4)  # every band by default
         assert scene.scaling.method == "percentile-2-98"
         window = Window(60, 80, 128, 128)
         b, a, valid = scene.read_raw(window)
@@ -114,12 +114,12 @@ def test_differing_after_grid_is_warped_onto_before_grid(shared_data: Path, city
         for window in (Window(0, 0, 96, 96), Window(grid.width - 200, grid.height - 150, 128, 128)):
             b, a, valid = scene.read_raw(window)
             # Before: read as is.
-            assert np.array_equal(b, src_b.read([1, 2, 3], window=window))
+            assert np.array_equal(b, src_b.read(window=window))
             # After: matches an independent bilinear resampling (uint16 rounding only).
             ref = _reference(after, grid, window)
             assert np.abs(ref - a.astype(np.float32)).max() <= 1.0
             # ...and not the after raster's own pixels at the same indexes (grids differ).
-            unwarped = src_a.read([1, 2, 3], window=window, boundless=True).astype(np.float32)
+            unwarped = src_a.read(window=window, boundless=True).astype(np.float32)
             if window.col_off > 0:
                 assert np.abs(unwarped - ref).mean() > 10 * np.abs(ref - a).mean() + 5
             assert valid.mean() > 0.95
@@ -149,10 +149,11 @@ def test_landsat_utm_scene_keeps_its_grid(shared_data: Path) -> None:
             assert scene.grid == Grid(src.crs, src.transform, src.width, src.height)
             assert scene.grid.crs == CRS.from_epsg(32651)
             assert scene.warped == (False, False)
-            assert scene.scaling == BandScaling.uint8(3)
+            assert scene.bands == (1, 2, 3, 4, 5, 6)  # every band by default
+            assert scene.scaling == BandScaling.uint8(6)
             window = Window(100, 150, 64, 64)
             tile = scene.read(window)
-            raw = src.read([1, 2, 3], window=window).astype(np.float32) / 255.0
+            raw = src.read(window=window).astype(np.float32) / 255.0
             assert tile.before.dtype == np.float32
             np.testing.assert_allclose(tile.before, raw, atol=1e-6)
             assert tile.valid.all()
@@ -190,7 +191,7 @@ def test_scaling_round_trip_and_apply() -> None:
 
 def test_given_scaling_is_used(shared_data: Path) -> None:
     before, after = _oscd(shared_data, "rennes")
-    given = BandScaling([1000.0, 1000.0, 1000.0], [2000.0, 2000.0, 2000.0])
+    given = BandScaling([1000.0] * 4, [2000.0] * 4)
     with ScenePair.open(before, after, scaling=given.to_dict()) as scene:
         assert scene.scaling == given
         b, _, valid = scene.read_raw(Window(0, 0, 32, 32))

@@ -37,6 +37,7 @@ def dock(plugin, project_layers, tmp_path_factory):
     dock.backbone_combo.setCurrentText("resnet18")
     dock.weights_combo.setCurrentText("none")
     dock.epochs_spin.setValue(1)
+    dock.detector_epochs_spin.setValue(1)
     dock.device_combo.setCurrentText("cpu")
     dock.scales_edit.setText("1")
     return dock
@@ -160,6 +161,10 @@ def test_dock_run_all_puts_styled_results_in_one_group(dock, project_layers) -> 
     assert layers["Change probability"].renderer().type() == "singlebandpseudocolor"
     assert layers["Change"].renderer().type() == "paletted"
     assert "MSI change probability (KD-MSI)" in layers and "Pseudo labels" in layers
+    assert "Calibrated change vector analysis" in layers
+    # the trust report: agreement with the weak labels, in the log
+    assert "agrees with" in dock.log_view.toPlainText()
+    assert 0 <= result.result["trust"]["tile_agreement"] <= 1
     names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
     assert (
         names.index("Change polygons") < names.index("Change") < names.index("Change probability")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 EXPECTED = {
     "labellinggrid",
+    "quickpreview",
     "trainmodel",
     "changeprobability",
     "pseudolabels",
@@ -108,4 +109,4 @@ def test_unload_removes_everything_and_initgui_restores_it(plugin, iface) -> Non
     finally:
         plugin.initGui()
     assert registry.providerById("kdmsi") is not None
-    assert len(registry.providerById("kdmsi").algorithms()) == 9
+    assert len(registry.providerById("kdmsi").algorithms()) == len(EXPECTED)

@@ -43,6 +43,7 @@ def test_qgis_process_lists_the_provider(qgis_process_env) -> None:
     }
     assert listed == {
         "kdmsi:labellinggrid",
+        "kdmsi:quickpreview",
         "kdmsi:trainmodel",
         "kdmsi:changeprobability",
         "kdmsi:pseudolabels",
