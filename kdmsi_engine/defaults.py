@@ -124,6 +124,13 @@ FILL_HOLES = 0.0
 # ----------------------------------------------------------------------------- quick preview
 CVA_THRESHOLD = "otsu"
 
+# ----------------------------------------------------------------------------- environment
+#: Oldest torch the engine accepts (``pyproject.toml`` requires the same): older torch lets a
+#: crafted file run code through ``torch.load(weights_only=True)`` (CVE-2025-32434). ``kdmsi env``
+#: and the plugin's "Check environment" report an older torch with the command that upgrades it,
+#: and the engine refuses to unpickle anything (old-format model files, checkpoints) with it.
+MIN_TORCH = "2.6"
+
 # ----------------------------------------------------------------------------- trust report
 #: Warn when the final map (before keeping labelled tiles out) marks change on more than this
 #: share of the tiles the analyst labelled unchanged.

@@ -29,6 +29,11 @@ def check_environment_from_result(result: worker.EngineResult) -> dict[str, Any]
         f"{item['package']} is missing ({item['needed_for']}): {item['command']}"
         for item in report.get("missing", [])
     ]
+    problems.extend(
+        f"{item['package']} {item['found']} is too old, the engine needs {item['required']} "
+        f"({item['problem']}); upgrade it: {item['command']}"
+        for item in report.get("upgrade", [])
+    )
     if report.get("device_error"):
         problems.append(str(report["device_error"]))
     if not result.success:

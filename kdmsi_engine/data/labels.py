@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import geopandas as gpd
 import numpy as np
@@ -38,7 +38,8 @@ DEFAULT_FIELD = "change"
 #: Overlap (as a fraction of the tile's area) under which a polygon only touches a tile's edge.
 AREA_EPSILON = 1e-9
 
-LabelSource = str | os.PathLike[str] | gpd.GeoDataFrame
+# Union, not |: evaluated at import, and Python 3.9 has no | between types.
+LabelSource = Union[str, os.PathLike[str], gpd.GeoDataFrame]
 
 
 def _read_source(source: LabelSource) -> tuple[gpd.GeoDataFrame, str]:

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import affine
 import numpy as np
@@ -37,7 +37,8 @@ SAMPLE_VALUES_PER_WINDOW = 16384
 #: Side of the windows scanned when the sample finds no valid pixel.
 SCAN_SIZE = 1024
 
-PathLike = str | os.PathLike[str]
+# Union, not |: evaluated at import, and Python 3.9 has no | between types.
+PathLike = Union[str, os.PathLike[str]]
 
 
 @dataclass

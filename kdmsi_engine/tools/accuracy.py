@@ -227,12 +227,12 @@ def run_command(
         "-m",
         "kdmsi_engine",
         "run",
-        str(scene.before),
-        str(scene.after),
+        str(scene.before.absolute()),
+        str(scene.after.absolute()),
         "--labels",
-        str(labels),
+        str(labels.absolute()),
         "-o",
-        str(out),
+        str(out.absolute()),
         "--tile-size",
         str(tile_size),
         "--scene",
@@ -304,14 +304,14 @@ def evaluate_scene(
     done = run_dir / "run.json"
     if not (reuse and done.is_file()):
         env = dict(os.environ)
-        # the engine of this checkout (a snapshot of the repository benchmarks its own code)
+        # the engine to measure: ``python -m`` puts its working folder first on the path
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(engine), env.get("PYTHONPATH")) if p)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         started = time.monotonic()
         # our own interpreter and an argument list, never a shell
         proc = subprocess.run(  # nosec B603
-            command, capture_output=True, text=True, env=env, check=False
+            command, capture_output=True, text=True, env=env, check=False, cwd=engine
         )
         seconds = time.monotonic() - started
         if proc.returncode != 0:
@@ -407,6 +407,28 @@ def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _table_cells(
+    name: str, maps: dict[str, Any], size: str, final: str, labelled: bool
+) -> list[str]:
+    """One row of the report's table, up to the timing cells."""
+    out = [
+        name,
+        size,
+        final,
+        _fmt(maps.get("detector", {}).get("iou")),
+        _fmt(maps.get("evidence", {}).get("iou")),
+        _fmt(maps["pseudo"]["iou"]),
+        _fmt(maps["msi_best"]["iou"]),
+        _fmt(maps["baseline"]["iou"]),
+    ]
+    if labelled:
+        out += [
+            _fmt(maps.get("baseline_restricted", {}).get("iou")),
+            _fmt(maps.get("trivial", {}).get("iou")),
+        ]
+    return out
+
+
 def markdown(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The README tables: one per protocol, a row per scene, then the means."""
     lines: list[str] = []
@@ -414,42 +436,42 @@ def markdown(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         rows = [r for r in records if r["protocol"] == protocol and "maps" in r]
         if not rows:
             continue
+        labelled = protocol == "a"  # the scored pixels are labelled: two more references
         lines.append(f"**Protocol ({protocol})**: {text}. Change IoU (F1 of the final map).")
         lines.append("")
-        head = "| scene | final map (F1) | detector alone | calibrated CVA alone | pseudo labels"
-        head += " | MSI (best thr.) | CVA + Otsu | CVA in changed tiles | changed tiles | min/MP |"
-        lines.append(head)
-        lines.append("|" + "---|" * 11)
+        head = [
+            "scene",
+            "MP",
+            "final map (F1)",
+            "detector alone",
+            "calibrated CVA alone",
+            "pseudo labels",
+            "MSI (best thr.)",
+            "CVA + Otsu",
+        ]
+        if labelled:
+            head += ["CVA in changed tiles", "all of the changed tiles"]
+        head += ["run (s)", "min/MP"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+
         for r in rows:
             m = r["maps"]
-            cells = [
+            row = _table_cells(
                 r["scene"],
+                m,
+                f"{r['megapixels']:.2f}",
                 f"**{m['final']['iou']:.3f}** ({m['final']['f1']:.3f})",
-                _fmt(m.get("detector", {}).get("iou")),
-                _fmt(m.get("evidence", {}).get("iou")),
-                _fmt(m["pseudo"]["iou"]),
-                _fmt(m["msi_best"]["iou"]),
-                _fmt(m["baseline"]["iou"]),
-                _fmt(m.get("baseline_restricted", {}).get("iou")),
-                _fmt(m.get("trivial", {}).get("iou")),
-                f"{r['minutes_per_megapixel']:.2f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+                labelled,
+            )
+            row += [f"{r['run_seconds']:.0f}", f"{r['minutes_per_megapixel']:.2f}"]
+            lines.append("| " + " | ".join(row) + " |")
         s = summary[protocol]
         mean = s["mean"]
-        cells = [
-            "**mean**",
-            f"**{mean['final']['iou']:.3f}** ({mean['final']['f1']:.3f})",
-            _fmt(mean.get("detector", {}).get("iou")),
-            _fmt(mean.get("evidence", {}).get("iou")),
-            _fmt(mean["pseudo"]["iou"]),
-            _fmt(mean["msi_best"]["iou"]),
-            _fmt(mean["baseline"]["iou"]),
-            _fmt(mean.get("baseline_restricted", {}).get("iou")),
-            _fmt(mean.get("trivial", {}).get("iou")),
-            f"max {s['max_minutes_per_megapixel']:.2f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        final = f"**{mean['final']['iou']:.3f}** ({mean['final']['f1']:.3f})"
+        row = _table_cells("**mean**", mean, "", final, labelled)
+        row += ["", f"max {s['max_minutes_per_megapixel']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append(
             f"Final map over the baseline: {s['final_over_baseline']:.2f}x on the mean; beats "

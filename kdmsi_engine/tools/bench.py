@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdmsi_engine.device import CPU_PRECISION_ENV
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,6 +242,13 @@ def bench_inference(quick: bool) -> list[dict[str, Any]]:
         )
         print(_row(rows[-1]), flush=True)
     return rows
+
+
+def _auto_precision() -> str:
+    """What ``--precision auto`` trains in on this CPU (and ``KDMSI_CPU_PRECISION``)."""
+    from kdmsi_engine.training.losses import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"))
 
 
 def _bf16() -> bool:
@@ -509,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "bf16_native": _bf16(),
+        "training_precision_auto": _auto_precision(),
         "load_average_start": _load(),
     }
     print(f"KD-MSI bench: {record}", flush=True)
@@ -580,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{job} peak RSS growth, smallest -> largest scene: "
                 f"{record[f'memory_growth_{job}']:+.1%} (issue 6 asks < 30 %)"
             )
+    native = "native bf16" if record["bf16_native"] else "no native bf16"
+    print(
+        f"training precision 'auto' on this CPU ({native}): {record['training_precision_auto']}"
+        f" (force with {CPU_PRECISION_ENV}=fp32|bf16)"
+    )
     (out_dir / "bench.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(f"written {out_dir / 'bench.json'} in {record['seconds']} s")
     return 0

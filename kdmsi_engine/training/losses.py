@@ -23,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdmsi_engine.device import cpu_supports_bf16
+from kdmsi_engine.device import cpu_precision, cpu_supports_bf16
 from kdmsi_engine.errors import InputError
 from kdmsi_engine.inference.maps import normalize_cam
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: On CPUs, ``auto`` trains in float32 (see the README's measurements); ``bf16`` is opt-in.
-CPU_AUTO_PRECISION = "fp32"
 
 
 @dataclass
@@ -95,11 +93,16 @@ def kd_losses(
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``fp16`` on CUDA (with a grad scaler), :data:`CPU_AUTO_PRECISION` on CPU."""
+    """``auto`` -> ``fp16`` on CUDA (with a grad scaler); on a CPU, the CPU's precision.
+
+    The CPU's precision (:func:`~kdmsi_engine.device.cpu_precision`) is bf16 where the CPU has
+    it natively, else fp32, unless ``KDMSI_CPU_PRECISION`` forces one: the same rule as
+    inference and detector training, measured without loss by ``make accuracy`` (README).
+    """
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else CPU_AUTO_PRECISION
+        return "fp16" if device.type == "cuda" else cpu_precision()
     if precision == "fp16" and device.type != "cuda":
         raise InputError("fp16 training needs a CUDA device; use --precision bf16 or fp32 on CPU")
     if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
@@ -109,10 +112,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def training_autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast for ``precision`` (``fp32``: none)."""
     if precision == "fp32":
         yield
         return
-    """Autocast for ``precision`` (``fp32``: none)."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     with torch.autocast(device.type, dtype=dtype):
         yield

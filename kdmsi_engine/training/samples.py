@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 #: Tiles are read into memory when they need less than this (float16 both dates + mask).
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 
-PathLike = str | os.PathLike[str]
+# Union, not |: evaluated at import, and Python 3.9 has no | between types.
+PathLike = Union[str, os.PathLike[str]]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from kdmsi_engine.tools.accuracy import (
     checkerboard,
     evaluate_scene,
     find_scenes,
+    markdown,
     summarize,
     truth_on_grid,
     weak_labels_from_truth,
@@ -117,3 +118,8 @@ def test_one_scene_through_the_benchmark(site, protocol, tmp_path):
         assert maps["baseline_restricted"]["precision"] >= 0
     summary = summarize([record])
     assert summary[protocol]["scenes"] == 1
+    # the report's table: every row has as many cells as its header (else it renders as text)
+    table = [line for line in markdown([record], summary).splitlines() if line.startswith("|")]
+    assert len(table) == 4  # header, delimiter, the scene, the mean
+    assert len({line.count("|") for line in table}) == 1
+    assert f"{maps['final']['iou']:.3f}" in table[2]

@@ -19,7 +19,8 @@ def test_env_json_reports_python_torch_device_and_gdal(capsys) -> None:
     assert report["torch"].split("+")[0].count(".") == 2
     assert report["device"] == "cpu" and report["gpu_name"] is None
     assert report["gdal"].startswith("3.") and report["rasterio"] != "missing"
-    assert report["ok"] is True and report["missing"] == []
+    assert report["ok"] is True and report["missing"] == [] and report["upgrade"] == []
+    assert report["min_torch"] == "2.6" and report["versions"]["safetensors"]
 
 
 def test_env_names_the_install_command_for_a_missing_package(monkeypatch) -> None:
@@ -35,7 +36,7 @@ def test_env_names_the_install_command_for_a_missing_package(monkeypatch) -> Non
     assert report["ok"] is False and report["torch"] == "missing"
     (torch,) = [m for m in report["missing"] if m["package"] == "torch"]
     assert torch["required"] == "yes"
-    assert torch["command"].startswith(f'"{sys.executable}" -m pip install "torch"')
+    assert torch["command"].startswith(f'"{sys.executable}" -m pip install "torch>=2.6"')
     assert "torch" in report["summary"] and "pip install" in report["summary"]
     assert report["device_description"] == "none (torch is missing)"
 
@@ -69,3 +70,33 @@ def test_env_runs_standalone_without_the_other_commands() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.splitlines()[-1])["data"]
     assert report["device"] == "cpu" and report["python"] == sys.executable
+
+
+def test_env_names_the_upgrade_for_a_torch_older_than_the_floor(monkeypatch) -> None:
+    """torch before 2.6 has a known bypass of its weights-only loader (CVE-2025-32434): the
+    report names the version found and the command that upgrades it."""
+    real_version = env_cli._version
+
+    def old_torch(module) -> str:  # type: ignore[no-untyped-def]
+        return "2.5.1+cpu" if module.__name__ == "torch" else real_version(module)
+
+    monkeypatch.setattr(env_cli, "_version", old_torch)
+    report = env_cli.environment_report("cpu")
+    assert report["ok"] is False and report["missing"] == []
+    (item,) = report["upgrade"]
+    command = f'"{sys.executable}" -m pip install --upgrade "torch>=2.6"'
+    assert item["package"] == "torch" and item["found"] == "2.5.1+cpu"
+    assert item["required"] == ">=2.6" and item["command"] == command
+    assert "CVE-2025-32434" in item["problem"]
+    assert "torch 2.5.1+cpu is too old" in report["summary"] and command in report["summary"]
+
+
+def test_the_torch_floor_is_the_one_pyproject_requires(repo_root) -> None:  # type: ignore[no-untyped-def]
+    """One floor: ``defaults.MIN_TORCH`` and the dependency in pyproject.toml agree."""
+    import re
+
+    from kdmsi_engine.defaults import MIN_TORCH
+
+    text = (repo_root / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.findall(r'"torch>=([0-9.]+)"', text) == [MIN_TORCH]
+    assert re.search(r'"safetensors>=0\.[4-9]', text), "model files need safetensors"

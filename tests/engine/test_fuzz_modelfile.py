@@ -1,7 +1,8 @@
 """Fuzzing model files and their metadata: readers raise only our own errors.
 
-Owner: RELIABILITY (issue 6 item 4). Whatever bytes or structure a ``.kdmsi`` file holds,
-:func:`load_model` either returns a verified model or raises :class:`ModelFileError`.
+Owner: RELIABILITY (issue 6 item 4, issue 10 item 4). Whatever bytes or structure a ``.kdmsi``
+file holds (safetensors, or an old-format or checkpoint pickle), :func:`load_model` either returns
+a verified model or raises :class:`ModelFileError`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from kdmsi_engine.errors import ModelFileError
 from kdmsi_engine.modelfile import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
+    LEGACY_FORMAT_VERSION,
     MODEL_FORMAT,
     _checksum,
     load_model,
@@ -109,7 +112,7 @@ payload_fields = st.fixed_dictionaries(
     {},
     optional={
         "format": st.sampled_from([MODEL_FORMAT, CHECKPOINT_FORMAT]) | plain_values,
-        "format_version": st.just(FORMAT_VERSION) | plain_values,
+        "format_version": st.just(LEGACY_FORMAT_VERSION) | plain_values,
         "metadata_json": st.builds(json.dumps, json_values) | plain_values,
         "tensors": st.dictionaries(
             st.text(max_size=6), st.dictionaries(st.text(max_size=6), small_tensors, max_size=3)
@@ -142,10 +145,10 @@ def test_random_structures(payload: object) -> None:
 def test_structures_with_valid_checksum(
     metadata_json: str, tensors: dict, kind: str | None
 ) -> None:
-    """Pass the checksum so the fuzzing reaches the metadata parsing behind it."""
+    """Pass the checksum so the fuzzing reaches the metadata parsing behind it (old format)."""
     payload = {
         "format": MODEL_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": LEGACY_FORMAT_VERSION,
         "metadata_json": metadata_json,
         "tensors": tensors,
         "checksum": _checksum(metadata_json, tensors),
@@ -155,6 +158,59 @@ def test_structures_with_valid_checksum(
         torch.save(payload, path)
         _load(path)
         _load(path, expected_kind=kind)
+
+
+# Any tensor names (with or without a group/) and small tensors of several dtypes.
+st_tensors = st.dictionaries(
+    st.text(max_size=8).filter(lambda k: k != "__metadata__"), small_tensors, max_size=4
+)
+st_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "format": st.sampled_from([MODEL_FORMAT, CHECKPOINT_FORMAT]) | st.text(max_size=12),
+        "format_version": st.sampled_from([str(FORMAT_VERSION), "1", "02", ""])
+        | st.text(max_size=6),
+        "metadata_json": st.builds(json.dumps, json_values) | st.text(max_size=30),
+        "checksum": st.text(max_size=64),
+    },
+) | st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)
+
+
+def _group(flat: dict) -> dict:
+    grouped: dict = {}
+    for key, tensor in flat.items():
+        group, _, name = key.partition("/")
+        grouped.setdefault(group, {})[name] = tensor
+    return grouped
+
+
+@FUZZ
+@given(fields=st_fields | st.none(), tensors=st_tensors, valid_checksum=st.booleans())
+def test_random_safetensors_files(fields: dict | None, tensors: dict, valid_checksum: bool) -> None:
+    """Any header metadata and tensor names in a real safetensors file; with a valid checksum
+    so the fuzzing reaches the group/name and metadata checks behind it."""
+    if fields is not None and valid_checksum and isinstance(fields.get("metadata_json"), str):
+        fields = {**fields, "checksum": _checksum(fields["metadata_json"], _group(tensors))}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.kdmsi"
+        save_file(tensors, str(path), metadata=fields)
+        _load(path, expected_kind="kdmsi")
+        _load(path, file_format=CHECKPOINT_FORMAT)
+
+
+@FUZZ
+@given(content=st.binary(min_size=1, max_size=64), where=st.floats(0, 0.3))
+def test_bytes_spliced_into_a_safetensors_header(content: bytes, where: float) -> None:
+    """The header (length, JSON, metadata) is the parsed part: hit it more often."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_model(
+            Path(folder) / "m.kdmsi", {"kind": "kdmsi"}, {"student": {"w": torch.ones(4)}}
+        )
+        data = bytearray(path.read_bytes())
+        start = int(where * (len(data) - 1))
+        data[start : start + len(content)] = content
+        path.write_bytes(bytes(data))
+        _load(path)
 
 
 @FUZZ

@@ -17,6 +17,7 @@ import torch
 from shapely.geometry import Point
 
 from kdmsi_engine.cli import main as cli_main
+from kdmsi_engine.device import CPU_PRECISION_ENV, cpu_supports_bf16
 from kdmsi_engine.errors import CancelledError, InputError, LabelError
 from kdmsi_engine.inference.maps import student_map
 from kdmsi_engine.models.kdmsi import architecture, build_kdmsi_models, load_kdmsi_model
@@ -31,7 +32,7 @@ from kdmsi_engine.training.common import (
     set_poly_lr,
 )
 from kdmsi_engine.training.kd import train_kdmsi
-from kdmsi_engine.training.losses import kd_losses, kd_target, valid_cells
+from kdmsi_engine.training.losses import kd_losses, kd_target, resolve_precision, valid_cells
 
 
 def _nets(seed: int = 0):
@@ -85,6 +86,20 @@ def test_nodata_cells_do_not_count_in_kd_loss() -> None:
     assert not torch.isclose(losses.kd, diff2.mean(), atol=1e-6)
     cells = valid_cells(valid, (4, 4))
     assert cells is not None and cells.sum() == 8
+
+
+def test_training_precision_auto_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(CPU_PRECISION_ENV, raising=False)
+    # bf16 only where the CPU has it natively (measured without loss, README), else fp32
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_supports_bf16() else "fp32")
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setenv(CPU_PRECISION_ENV, forced)
+        assert resolve_precision("auto", cpu) == forced
+    # an explicit choice wins over the switch
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(InputError, match="CUDA"):
+        resolve_precision("fp16", cpu)
 
 
 def test_poly_lr_and_param_groups() -> None:

@@ -97,3 +97,29 @@ def test_environment_check_names_the_missing_device(plugin) -> None:
     report = envcheck.check_environment("cuda")
     assert not report["ok"]
     assert any("cuda" in p.lower() for p in report["problems"])
+
+
+def test_environment_check_names_the_torch_upgrade(plugin, monkeypatch) -> None:
+    """A torch older than the engine's floor (2.6, CVE-2025-32434) is a problem the check shows
+    with the version found and the command that upgrades it."""
+    from kdmsi_engine.cli import env as env_cli
+    from kdmsi_qgis import envcheck, worker
+
+    real_version = env_cli._version
+    monkeypatch.setattr(
+        env_cli,
+        "_version",
+        lambda module: "2.5.1" if module.__name__ == "torch" else real_version(module),
+    )
+    engine_report = env_cli.environment_report("cpu")  # what the worker would print
+    result = worker.EngineResult(
+        success=True, exit_code=0, result=engine_report, command=[sys.executable]
+    )
+    report = envcheck.check_environment_from_result(result)
+    command = f'"{sys.executable}" -m pip install --upgrade "torch>=2.6"'
+    assert report["ok"] is False
+    (problem,) = report["problems"]
+    assert (
+        problem.startswith("torch 2.5.1 is too old, the engine needs >=2.6") and command in problem
+    )
+    assert command in envcheck.format_report(report)
