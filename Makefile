@@ -44,27 +44,27 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check kdmsi_engine kdmsi_qgis tests
-	$(VENV)/bin/ruff format --check kdmsi_engine kdmsi_qgis tests
-	$(VENV)/bin/bandit -q -r kdmsi_qgis kdmsi_engine --severity-level medium
+	$(VENV)/bin/ruff check kdmsi_engine kdmsi_qgis benchmarks scripts tests
+	$(VENV)/bin/ruff format --check kdmsi_engine kdmsi_qgis benchmarks scripts tests
+	$(VENV)/bin/bandit -q -r kdmsi_qgis kdmsi_engine benchmarks scripts --severity-level medium
 
 test: setup lint
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m kdmsi_engine.tools.demo
+	$(PY) -m scripts.demo
 
 bench: setup
-	$(PY) -m kdmsi_engine.tools.bench
+	$(PY) -m benchmarks.bench
 
 accuracy: setup
-	$(PY) -m kdmsi_engine.tools.accuracy
+	$(PY) -m benchmarks.accuracy
 
 ablation: setup
-	$(PY) -m kdmsi_engine.tools.ablation
+	$(PY) -m benchmarks.ablation
 
 package: setup
-	$(PY) -m kdmsi_engine.tools.package
+	$(PY) -m scripts.package
 
 clean:
 	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output

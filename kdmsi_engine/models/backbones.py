@@ -36,13 +36,15 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from kdmsi_engine import defaults
 from kdmsi_engine.errors import InputError, ModelFileError
 from kdmsi_engine.models import efficientnet as _eff
 from kdmsi_engine.models import resnet as _resnet
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet-lite0")
+#: The backbone names: the contract's list (``defaults.BACKBONES``), not a copy.
+BACKBONES = defaults.BACKBONES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTRA_BAND_MEAN = 0.449

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdmsi_engine.tools.ablation import Confusion, balanced_subset, format_table
+from benchmarks.ablation import Confusion, balanced_subset, format_table
 from kdmsi_engine.training.samples import SceneSource, TileRef, TrainingSet
 
 

@@ -13,10 +13,7 @@ import rasterio
 from detect_testutils import TINY_ARGS
 from rasterio.windows import Window
 
-from kdmsi_engine.data.labels import assign_tile_labels
-from kdmsi_engine.data.scene import ScenePair
-from kdmsi_engine.data.tiling import tile_windows, tiles_frame, window_polygon
-from kdmsi_engine.tools.accuracy import (
+from benchmarks.accuracy import (
     Scene,
     checkerboard,
     evaluate_scene,
@@ -26,6 +23,9 @@ from kdmsi_engine.tools.accuracy import (
     truth_on_grid,
     weak_labels_from_truth,
 )
+from kdmsi_engine.data.labels import assign_tile_labels
+from kdmsi_engine.data.scene import ScenePair
+from kdmsi_engine.data.tiling import tile_windows, tiles_frame, window_polygon
 
 WINDOW = Window(120, 140, 128, 128)
 

@@ -7,7 +7,7 @@ import numpy as np
 import rasterio
 
 from kdmsi_engine.cli import build_parser
-from kdmsi_engine.tools.demo import SAMPLE_DIR, demo_arguments
+from scripts.demo import SAMPLE_DIR, demo_arguments
 
 
 def test_sample_is_small_real_georeferenced_and_attributed():

@@ -39,7 +39,7 @@ def qgis_app():
 
 @pytest.fixture(scope="session")
 def plugin_zip(tmp_path_factory, repo_root: Path) -> Path:
-    from kdmsi_engine.tools.package import build_zip
+    from scripts.package import build_zip
 
     return build_zip(tmp_path_factory.mktemp("dist") / "kdmsi_qgis.zip")
 

@@ -17,7 +17,7 @@ from detect_testutils import TINY_ARGS, crop_sample  # noqa: E402
 @pytest.fixture(scope="module")
 def demo_outputs(tmp_path_factory) -> Path:
     from kdmsi_engine.cli import main
-    from kdmsi_engine.tools.demo import demo_arguments
+    from scripts.demo import demo_arguments
 
     sample = crop_sample(tmp_path_factory.mktemp("sample"), Window(150, 200, 96, 96))
     out = tmp_path_factory.mktemp("demo") / "demo-output"
@@ -60,7 +60,7 @@ def test_demo_outputs_are_valid_qgis_layers(qgis_app, demo_outputs):
 def test_quicklook_png(demo_outputs, tmp_path):
     from PIL import Image
 
-    from kdmsi_engine.tools.quicklook import make_quicklook
+    from scripts.quicklook import make_quicklook
 
     sample = Path(json.loads((demo_outputs / "run.json").read_text())["inputs"]["before"]).parent
     png = make_quicklook(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_zip_holds_plugin_engine_and_license_only(plugin_zip: Path, tmp_path: Path) -> None:
-    from kdmsi_engine.tools.package import build_zip
+    from scripts.package import build_zip
 
     with zipfile.ZipFile(plugin_zip) as archive:
         names = archive.namelist()
@@ -40,7 +40,7 @@ def test_zip_refuses_large_files(tmp_path: Path, repo_root: Path) -> None:
     import pytest
 
     from kdmsi_engine.errors import OutputError
-    from kdmsi_engine.tools.package import build_zip
+    from scripts.package import build_zip
 
     fake = tmp_path / "repo"
     for part in ("kdmsi_qgis", "kdmsi_engine", "resources/icons", "resources/styles"):

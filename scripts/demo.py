@@ -10,7 +10,7 @@ the same reference, as tile labels only).
 
 Usage::
 
-    python -m kdmsi_engine.tools.demo [--out demo-output] [--device cpu] [--fast]
+    python -m scripts.demo [--out demo-output] [--device cpu] [--fast]
 
 The demo owns its output folder and replaces what an earlier demo wrote there.
 """
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdmsi_engine.tools.make_sample import (
+from scripts.make_sample import (
     AFTER_NAME,
     BEFORE_NAME,
     LABELS_NAME,
@@ -33,7 +33,7 @@ from kdmsi_engine.tools.make_sample import (
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "resources" / "sample"
 DEFAULT_OUT = REPO_ROOT / "demo-output"
 QUICKLOOK_NAME = "quicklook.png"
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kdmsi_engine.cli import main as kdmsi_main
-    from kdmsi_engine.tools.quicklook import make_quicklook
+    from scripts.quicklook import make_quicklook
 
     # One thread: the run is then reproducible (the thread count changes the order of float
     # sums, and a training this short is sensitive to it); on 2 cores it costs about 2x time,

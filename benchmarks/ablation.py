@@ -1,6 +1,6 @@
 """The KD-MSI paper's ablation (its Table 4) repeated on the real data beside the repository.
 
-``make ablation`` (``python -m kdmsi_engine.tools.ablation``) trains KD-MSI with weak labels only
+``make ablation`` (``python -m benchmarks.ablation``) trains KD-MSI with weak labels only
 on OSCD (10 cities, bands 1-3 = red, green, blue), AirChange, LEVIR-CD and DSIFN-CD tiles (tile
 labels from the masks: a tile is changed if any pixel changed), then scores the training set's
 change maps against the pixel masks with the paper's protocol: confusion counts summed over all
@@ -46,7 +46,7 @@ from kdmsi_engine.training.samples import TileStore, TrainingSet, folder_trainin
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = ("oscd", "airchange", "levir-cd-samples", "dsifn-cd-samples")
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 METHODS = ("cam", "student", "mi", "msi", "trivial")
@@ -330,7 +330,7 @@ def format_table(results: list[dict[str, Any]], tset: TrainingSet) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m kdmsi_engine.tools.ablation",
+        prog="python -m benchmarks.ablation",
         description="Repeat the KD-MSI paper's ablation (Table 4) on the real data.",
     )
     parser.add_argument(
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
-        "command": "python -m kdmsi_engine.tools.ablation " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.ablation " + " ".join(argv or sys.argv[1:]),
         "tiles": tset.describe(),
         "balance": balance,
         "all_tiles_before_subset": FULL_BALANCE,
@@ -444,7 +444,5 @@ if __name__ == "__main__":
         # OpenMP threads that spin-wait are several times slower on a shared machine; the
         # variable must be set before torch loads, hence a fresh interpreter.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(
-            sys.executable, [sys.executable, "-m", "kdmsi_engine.tools.ablation", *sys.argv[1:]]
-        )  # noqa: S606
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.ablation", *sys.argv[1:]])  # noqa: S606
     sys.exit(main())

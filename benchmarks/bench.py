@@ -26,7 +26,7 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    a quarter of an hour, on 2 cores; reading, blending and writing, the parts that could grow
    with the scene, are the same for every method).
 
-Usage: ``python -m kdmsi_engine.tools.bench [--quick] [--skip-memory] [--out bench-output]``.
+Usage: ``python -m benchmarks.bench [--quick] [--skip-memory] [--out bench-output]``.
 ``--pseudo-study MODEL`` instead compares pseudo-label thresholds (0.3 vs auto) on OSCD.
 """
 
@@ -51,7 +51,7 @@ from kdmsi_engine.device import CPU_PRECISION_ENV
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 LANDSAT = DATA / "landsat-taizhou-nanjing"
 SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.pseudo_study:
-        from kdmsi_engine.inference.threshold_study import run_study
+        from benchmarks.threshold_study import run_study
 
         return run_study(Path(args.pseudo_study), out_dir, method=args.study_method)
     started = time.perf_counter()

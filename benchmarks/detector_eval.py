@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ``../shared/data`` must exist)::
 
-    python -m kdmsi_engine.tools.detector_eval [--out detector-eval-output]
+    python -m benchmarks.detector_eval [--out detector-eval-output]
         [--datasets levir-cd-samples,dsifn-cd-samples] [--backbone efficientnet-lite0]
         [--tile-size 64] [--kd-epochs 4] [--detector-epochs 3] [--threads 2]
 
@@ -44,7 +44,7 @@ from kdmsi_engine.progress import BarReporter, Progress
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "detector-eval-output"
 ROWS = ("CAM", "KD-MSI", "Supervised")
@@ -269,7 +269,7 @@ def _after_kd(
         }
     timings["total_s"] = round(time.monotonic() - started, 1)
     record = {
-        "command": "python -m kdmsi_engine.tools.detector_eval " + " ".join(args.argv),
+        "command": "python -m benchmarks.detector_eval " + " ".join(args.argv),
         "configuration": {
             "datasets": datasets,
             "train_pairs": [p.name for p in train],

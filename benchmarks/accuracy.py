@@ -28,7 +28,7 @@ Writes ``accuracy-output/accuracy.json`` (every number, the command lines, the m
 
 Usage::
 
-    python -m kdmsi_engine.tools.accuracy [--data ../shared/data] [--out accuracy-output]
+    python -m benchmarks.accuracy [--data ../shared/data] [--out accuracy-output]
         [--protocols a,b] [--scenes bercy,paris] [--jobs 1] [--reuse] [-- EXTRA RUN OPTIONS]
 """
 
@@ -61,7 +61,7 @@ from kdmsi_engine.metrics import Confusion, confusion, metrics_from_confusion
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "accuracy-output"
 #: Tile size of the weak labels: 64 px is 640 m on Sentinel-2 and 1.9 km on Landsat, the size

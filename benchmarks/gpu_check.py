@@ -1,6 +1,6 @@
 """CUDA check and GPU throughput for the networks, on real tiles, with torch alone.
 
-Run on a machine with a CUDA GPU (``python -m kdmsi_engine.tools.gpu_check --data DIR``), where
+Run on a machine with a CUDA GPU (``python -m benchmarks.gpu_check --data DIR``), where
 ``DIR`` holds folder datasets (``A/``, ``B/``, ``label/`` PNG tiles such as LEVIR-CD samples). It
 needs torch, numpy and Pillow only (no GDAL), so it runs on a bare GPU machine. It checks:
 

@@ -1,6 +1,6 @@
 """Pseudo-label threshold study on real data: fixed 0.3 against the automatic thresholds.
 
-Protocol (``python -m kdmsi_engine.tools.bench --pseudo-study MODEL``):
+Protocol (``python -m benchmarks.bench --pseudo-study MODEL``):
 
 1. Weak labels for the 10 OSCD cities of ``../shared/data/oscd``: the scene grid (UTM, from
    the data layer) is cut into tiles of the model's size; a tile is *changed* when the truth
@@ -30,7 +30,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 OSCD = REPO.parent / "shared" / "data" / "oscd"
 THRESHOLDS: tuple[Any, ...] = (0.3, "auto", "otsu", "unchanged-q", 0.0)
 #: fixed thresholds tried only to find the best one with the truth (an oracle, for reference).

@@ -8,7 +8,7 @@ value 1) in red over the after image; pixels of the optional ``truth`` raster ar
 
 Usage::
 
-    python -m kdmsi_engine.tools.quicklook BEFORE AFTER CHANGE.tif -o QUICKLOOK.png
+    python -m scripts.quicklook BEFORE AFTER CHANGE.tif -o QUICKLOOK.png
         [--bands 3,2,1] [--truth TRUTH.tif] [--title TEXT]
 """
 

@@ -2,7 +2,7 @@
 
 Run from the repository root (the data folder ``../shared/data`` must exist)::
 
-    .venv/bin/python -m kdmsi_engine.tools.make_sample [--data DIR] [--out resources/sample]
+    .venv/bin/python -m scripts.make_sample [--data DIR] [--out resources/sample]
 
 What it writes (all on the grid of the source rasters, EPSG:32651, 30 m, 400 x 400 pixels):
 
@@ -34,7 +34,7 @@ from shapely.geometry import mapping, shape
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "landsat-taizhou-nanjing"
 DEFAULT_OUT = REPO_ROOT / "resources" / "sample"
 SITE = "taizhou"

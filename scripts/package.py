@@ -6,7 +6,7 @@ files, ``metadata.txt``, ``LICENSE``, the icons and QML styles (``resources/``) 
 binaries, data, model weights or caches go in. Entries are sorted and dated from
 ``SOURCE_DATE_EPOCH`` (default 1980-01-01), so the same sources give the same zip.
 
-Usage: ``python -m kdmsi_engine.tools.package [--output dist/kdmsi_qgis.zip] [--no-overwrite]``
+Usage: ``python -m scripts.package [--output dist/kdmsi_qgis.zip] [--no-overwrite]``
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kdmsi_engine.errors import KdmsiError, OutputError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_NAME = "kdmsi_qgis"
 DEFAULT_OUTPUT = REPO_ROOT / "dist" / f"{PLUGIN_NAME}.zip"
 
