@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,33 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-class KdmsiAlgorithm(QgsProcessingAlgorithm):
-    """Base class: subclasses set the names and implement ``initAlgorithm``/``processAlgorithm``.
+@dataclass
+class EngineCall:
+    """One engine command, built from an algorithm's parameters by ``build_call``.
 
-    Parameter names are the upper-case constants of each class; their values are stable, so
-    models and scripts that call ``processing.run("kdmsi:...", {...})`` keep working.
+    Attributes:
+        command: the engine sub-command (``grid``, ``train``, ``run``, ...).
+        arguments: its positional arguments and options, one list item each (the worker adds
+            ``--progress json``, ``--device`` and ``--overwrite``).
+        device: ``--device`` for the commands that take one, else ``None``.
+        outputs: the algorithm's output values known before the run (output name -> path).
+    """
+
+    command: str
+    arguments: list[str]
+    device: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+class KdmsiAlgorithm(QgsProcessingAlgorithm):
+    """Base class: subclasses set the names and implement ``initAlgorithm`` and ``build_call``
+    (and ``finish`` where the outputs need more than the paths the call was built with).
+
+    One method builds the engine command (:meth:`build_call`, testable without running
+    anything), one runs it (:meth:`processAlgorithm`), as QGIS's GDAL algorithms do with
+    ``getConsoleCommands``. Parameter names are the upper-case constants of each class; their
+    values are stable, so models and scripts that call ``processing.run("kdmsi:...", {...})``
+    keep working.
     """
 
     BEFORE = "BEFORE"
@@ -342,6 +365,35 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
         return path
 
     # ------------------------------------------------------------- running the engine
+
+    def build_call(
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> EngineCall:
+        """The engine command these parameters ask for (each algorithm implements it)."""
+        raise NotImplementedError
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        """The algorithm's outputs after the engine ran (default: the call's outputs)."""
+        return dict(call.outputs)
+
+    def processAlgorithm(  # noqa: N802 (QGIS API)
+        self,
+        parameters: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        call = self.build_call(parameters, context, feedback)
+        result = self.run_engine(call.command, call.arguments, feedback, device=call.device)
+        return self.finish(call, result or {}, context, feedback)
 
     def run_engine(
         self,

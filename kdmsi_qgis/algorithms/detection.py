@@ -20,7 +20,7 @@ from qgis.core import (
 )
 
 from kdmsi_qgis import layers
-from kdmsi_qgis.algorithms.base import BACKBONES, WEIGHTS, KdmsiAlgorithm, advanced
+from kdmsi_qgis.algorithms.base import BACKBONES, WEIGHTS, EngineCall, KdmsiAlgorithm, advanced
 from kdmsi_qgis.algorithms.maps import check_scales, threshold_argument
 from kdmsi_qgis.contract import D
 
@@ -98,22 +98,29 @@ class DetectChangesAlgorithm(_FolderOutputAlgorithm):
         self.add_device_parameter()
         self.add_folder_outputs()
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         model = self.parameterAsFile(parameters, self.MODEL, context)
         folder = layers.destination_path(
             self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context)
         )
         arguments += ["--model", model, "-o", folder]
-        result = self.run_engine(
-            "detect", arguments, feedback, device=self.device(parameters, context)
-        )
-        return self.folder_results(folder, context, result)
+        device = self.device(parameters, context)
+        return EngineCall("detect", arguments, device, {self.OUTPUT_FOLDER: folder})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        return self.folder_results(call.outputs[self.OUTPUT_FOLDER], context, result)
 
 
 class RunChainAlgorithm(_FolderOutputAlgorithm):
@@ -195,12 +202,12 @@ class RunChainAlgorithm(_FolderOutputAlgorithm):
         self.addOutput(QgsProcessingOutputRasterLayer("PSEUDO_LABELS", self.tr("Pseudo labels")))
         self.addOutput(QgsProcessingOutputFile("DETECTOR_MODEL", self.tr("Change detector")))
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         arguments += self.labels_arguments(parameters, context, feedback)
         folder = layers.destination_path(
@@ -224,9 +231,17 @@ class RunChainAlgorithm(_FolderOutputAlgorithm):
         if not self.parameterAsBoolean(parameters, self.KEEP_LABELS_OUT, context):
             arguments.append("--no-keep-labels-out")
         arguments += self.bands_arguments(parameters, context)
-        result = self.run_engine(
-            "run", arguments, feedback, device=self.device(parameters, context)
-        )
+        device = self.device(parameters, context)
+        return EngineCall("run", arguments, device, {self.OUTPUT_FOLDER: folder})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        folder = call.outputs[self.OUTPUT_FOLDER]
         outputs = self.folder_results(folder, context, result)
         for name, filename in RUN_EXTRA_OUTPUTS:
             path = Path(folder) / filename
@@ -271,12 +286,12 @@ class VectorizeAlgorithm(KdmsiAlgorithm):
             )
         )
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         change = layers.raster_source(
             self.parameterAsRasterLayer(parameters, self.CHANGE, context), self.tr("Change raster")
         )
@@ -290,6 +305,14 @@ class VectorizeAlgorithm(KdmsiAlgorithm):
             ]
         arguments += ["--min-area", self.number(parameters, self.MIN_AREA, context)]
         arguments += ["--simplify", self.number(parameters, self.SIMPLIFY, context)]
-        self.run_engine("vectorize", arguments, feedback)
-        self.style_on_load(context, output, "changes")
-        return {self.OUTPUT: output}
+        return EngineCall("vectorize", arguments, outputs={self.OUTPUT: output})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        self.style_on_load(context, call.outputs[self.OUTPUT], "changes")
+        return dict(call.outputs)

@@ -20,7 +20,7 @@ from qgis.core import (
 )
 
 from kdmsi_qgis import layers
-from kdmsi_qgis.algorithms.base import KdmsiAlgorithm
+from kdmsi_qgis.algorithms.base import EngineCall, KdmsiAlgorithm
 
 #: Metrics returned as Processing numbers (engine key -> output name).
 METRICS = ("iou", "f1", "precision", "recall", "oa", "miou", "mean_f1", "threshold")
@@ -79,12 +79,12 @@ class EvaluateAlgorithm(KdmsiAlgorithm):
         for key in ("BEST_THRESHOLD", "BEST_IOU"):
             self.addOutput(QgsProcessingOutputNumber(key, key.lower().replace("_", " ")))
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         prediction = layers.raster_source(
             self.parameterAsRasterLayer(parameters, self.PREDICTION, context),
             self.tr("Prediction"),
@@ -99,11 +99,20 @@ class EvaluateAlgorithm(KdmsiAlgorithm):
             arguments.append("--sweep")
         elif parameters.get(self.THRESHOLD) not in (None, ""):
             arguments += ["--threshold", self.number(parameters, self.THRESHOLD, context)]
-        metrics = self.run_engine("evaluate", arguments, feedback)
+        return EngineCall("evaluate", arguments, outputs={self.OUTPUT: output})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        metrics = result
         if not metrics:
             raise QgsProcessingException(self.tr("the engine returned no metrics"))
-        write_json(output, metrics)
-        outputs: dict[str, Any] = {self.OUTPUT: output}
+        write_json(call.outputs[self.OUTPUT], metrics)
+        outputs: dict[str, Any] = dict(call.outputs)
         best = metrics.get("best") if isinstance(metrics.get("best"), dict) else {}
         for key in METRICS:
             value = metrics.get(key)

@@ -15,7 +15,7 @@ from qgis.core import (
 )
 
 from kdmsi_qgis import layers
-from kdmsi_qgis.algorithms.base import METHODS, KdmsiAlgorithm, advanced
+from kdmsi_qgis.algorithms.base import METHODS, EngineCall, KdmsiAlgorithm, advanced
 from kdmsi_qgis.contract import D
 
 
@@ -90,12 +90,12 @@ class QuickPreviewAlgorithm(KdmsiAlgorithm):
             QgsProcessingParameterRasterDestination(self.CHANGE, self.tr("Change (thresholded)"))
         )
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         output = self.output_layer(parameters, self.OUTPUT, context)
         change = self.output_layer(parameters, self.CHANGE, context)
@@ -104,12 +104,19 @@ class QuickPreviewAlgorithm(KdmsiAlgorithm):
         )
         arguments += ["-o", output, "--change", change, "--threshold", threshold]
         arguments += self.bands_arguments(parameters, context)
-        result = self.run_engine("cva", arguments, feedback)
-        self.style_on_load(context, output, "preview")
-        self.style_on_load(context, change, "preview_change")
+        return EngineCall("cva", arguments, outputs={self.OUTPUT: output, self.CHANGE: change})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        self.style_on_load(context, call.outputs[self.OUTPUT], "preview")
+        self.style_on_load(context, call.outputs[self.CHANGE], "preview_change")
         return {
-            self.OUTPUT: output,
-            self.CHANGE: change,
+            **call.outputs,
             "THRESHOLD_USED": result.get("threshold"),
             "CHANGED_FRACTION": result.get("changed_fraction"),
         }
@@ -150,12 +157,12 @@ class ChangeProbabilityAlgorithm(KdmsiAlgorithm):
             QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Change probability"))
         )
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         model = self.parameterAsFile(parameters, self.MODEL, context)
         output = self.output_layer(parameters, self.OUTPUT, context)
@@ -163,9 +170,18 @@ class ChangeProbabilityAlgorithm(KdmsiAlgorithm):
         arguments += ["--model", model, "-o", output]
         arguments += ["--method", self.enum_value(parameters, self.METHOD, METHODS, context)]
         arguments += ["--scales", scales]
-        self.run_engine("infer", arguments, feedback, device=self.device(parameters, context))
-        self.style_on_load(context, output, "probability")
-        return {self.OUTPUT: output}
+        device = self.device(parameters, context)
+        return EngineCall("infer", arguments, device, {self.OUTPUT: output})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        self.style_on_load(context, call.outputs[self.OUTPUT], "probability")
+        return dict(call.outputs)
 
 
 class PseudoLabelsAlgorithm(KdmsiAlgorithm):
@@ -220,12 +236,12 @@ class PseudoLabelsAlgorithm(KdmsiAlgorithm):
             QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Pseudo labels"))
         )
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         probability = layers.raster_source(
             self.parameterAsRasterLayer(parameters, self.PROBABILITY, context),
             self.tr("Change probability"),
@@ -242,6 +258,14 @@ class PseudoLabelsAlgorithm(KdmsiAlgorithm):
         arguments += self.labels_arguments(parameters, context, feedback)
         if self.parameterAsBoolean(parameters, self.UNMARKED_UNCHANGED, context):
             arguments.append("--unmarked-unchanged")
-        self.run_engine("pseudo", arguments, feedback)
-        self.style_on_load(context, output, "pseudo")
-        return {self.OUTPUT: output}
+        return EngineCall("pseudo", arguments, outputs={self.OUTPUT: output})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        self.style_on_load(context, call.outputs[self.OUTPUT], "pseudo")
+        return dict(call.outputs)

@@ -11,7 +11,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from kdmsi_qgis.algorithms.base import KdmsiAlgorithm
+from kdmsi_qgis.algorithms.base import EngineCall, KdmsiAlgorithm
 
 
 class LabellingGridAlgorithm(KdmsiAlgorithm):
@@ -46,17 +46,25 @@ class LabellingGridAlgorithm(KdmsiAlgorithm):
             )
         )
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         output = self.output_layer(parameters, self.OUTPUT, context)
         arguments += ["-o", output, "--tile-size", self.number(parameters, self.TILE_SIZE, context)]
         arguments += ["--overlap", self.number(parameters, self.OVERLAP, context)]
         arguments += self.bands_arguments(parameters, context)
-        self.run_engine("grid", arguments, feedback)
-        self.style_on_load(context, output, "grid")
-        return {self.OUTPUT: output}
+        return EngineCall("grid", arguments, outputs={self.OUTPUT: output})
+
+    def finish(
+        self,
+        call: EngineCall,
+        result: dict[str, Any],
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+    ) -> dict[str, Any]:
+        self.style_on_load(context, call.outputs[self.OUTPUT], "grid")
+        return dict(call.outputs)

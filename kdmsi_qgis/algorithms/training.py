@@ -12,7 +12,7 @@ from qgis.core import (
 )
 
 from kdmsi_qgis import layers
-from kdmsi_qgis.algorithms.base import BACKBONES, MODEL_FILTER, WEIGHTS, KdmsiAlgorithm
+from kdmsi_qgis.algorithms.base import BACKBONES, MODEL_FILTER, WEIGHTS, EngineCall, KdmsiAlgorithm
 from kdmsi_qgis.contract import D
 
 
@@ -100,12 +100,12 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         self.add_device_parameter()
         self.add_model_output(self.tr("KD-MSI model file"))
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         arguments += self.labels_arguments(parameters, context, feedback)
         output = self.output_file(parameters, self.OUTPUT, context)
@@ -113,8 +113,8 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         arguments += self.training_arguments(parameters, context)
         arguments += ["--kd-weight", self.number(parameters, self.KD_WEIGHT, context)]
         arguments += self.bands_arguments(parameters, context)
-        self.run_engine("train", arguments, feedback, device=self.device(parameters, context))
-        return {self.OUTPUT: output}
+        device = self.device(parameters, context)
+        return EngineCall("train", arguments, device, {self.OUTPUT: output})
 
 
 class TrainDetectorAlgorithm(_TrainingAlgorithm):
@@ -147,12 +147,12 @@ class TrainDetectorAlgorithm(_TrainingAlgorithm):
         self.add_device_parameter()
         self.add_model_output(self.tr("Change detector file"))
 
-    def processAlgorithm(  # noqa: N802
+    def build_call(
         self,
         parameters: dict[str, Any],
         context: QgsProcessingContext,
         feedback: QgsProcessingFeedback,
-    ) -> dict[str, Any]:
+    ) -> EngineCall:
         arguments = self.scene_arguments(parameters, context)
         pseudo = layers.raster_source(
             self.parameterAsRasterLayer(parameters, self.PSEUDO, context), self.tr("Pseudo labels")
@@ -161,7 +161,5 @@ class TrainDetectorAlgorithm(_TrainingAlgorithm):
         arguments += ["--pseudo", pseudo, "-o", output]
         arguments += self.training_arguments(parameters, context)
         arguments += self.bands_arguments(parameters, context)
-        self.run_engine(
-            "train-detector", arguments, feedback, device=self.device(parameters, context)
-        )
-        return {self.OUTPUT: output}
+        device = self.device(parameters, context)
+        return EngineCall("train-detector", arguments, device, {self.OUTPUT: output})
