@@ -40,15 +40,16 @@ from typing import Any
 import numpy as np
 
 from kdmsi_engine.atomic import atomic_output, check_output
-from kdmsi_engine.errors import GridError, InputError, LabelError
+from kdmsi_engine.errors import InputError, LabelError
 from kdmsi_engine.progress import Progress
 from kdmsi_engine.rasterio_out import (
     PROB_NODATA,
     add_overviews,
     bounded_gdal_cache,
     create_geotiff,
-    open_raster,
+    open_on_one_grid,
     strip_windows,
+    valid_values,
 )
 from kdmsi_engine.thresholds import Histogram
 
@@ -58,13 +59,6 @@ logger = logging.getLogger(__name__)
 BINS = 10000
 
 MaskFunction = Callable[[int, int, int], np.ndarray]
-
-
-def _valid(values: np.ndarray, nodata: Any) -> np.ndarray:
-    valid = np.isfinite(values)
-    if nodata is not None and np.isfinite(nodata):
-        valid &= values != nodata
-    return valid
 
 
 class RarityScale:
@@ -101,7 +95,7 @@ def calibration_scales(
             continue
         for src, histogram in zip(sources, histograms):
             values = src.read(1, window=window)
-            histogram.add(values[mask & _valid(values, src.nodata)])
+            histogram.add(values[mask & valid_values(values, src.nodata)])
     return [RarityScale(h) for h in histograms]
 
 
@@ -141,16 +135,8 @@ def fuse_maps(
     progress = progress or Progress()
     target = check_output(out_path, overwrite=overwrite)
     with ExitStack() as stack, bounded_gdal_cache():
-        sources = [stack.enter_context(open_raster(p, "probability raster")) for p in maps]
+        sources = open_on_one_grid(stack, maps)
         first = sources[0]
-        for path, src in zip(maps[1:], sources[1:]):
-            if (src.width, src.height, src.crs, src.transform) != (
-                first.width,
-                first.height,
-                first.crs,
-                first.transform,
-            ):
-                raise GridError(f"{path} is not on the grid of {maps[0]}; make both from one scene")
         weight = np.ones(len(maps)) if weights is None else np.asarray(weights, np.float64)
         if weight.shape != (len(maps),) or (weight < 0).any() or weight.sum() <= 0:
             raise InputError(f"fusion weights {weights} must be one non-negative number per map")
@@ -170,7 +156,7 @@ def fuse_maps(
                     kept = np.ones(log_rate.shape, dtype=bool)
                     for index, (src, scale) in enumerate(zip(sources, scales)):
                         values = src.read(1, window=window)
-                        valid &= _valid(values, src.nodata)
+                        valid &= valid_values(values, src.nodata)
                         rate = scale.rate(np.where(np.isfinite(values), values, 0))
                         log_rate += weight[index] * np.log(rate)
                         if index == gate:

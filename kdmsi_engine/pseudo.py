@@ -28,6 +28,7 @@ probabilities, streamed over the raster:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -44,14 +45,16 @@ from kdmsi_engine.rasterio_out import (
     CLASS_NODATA,
     add_overviews,
     bounded_gdal_cache,
-    check_threshold,
     create_geotiff,
+    open_on_one_grid,
     open_raster,
     strip_windows,
+    valid_values,
 )
 from kdmsi_engine.thresholds import (  # noqa: F401 (re-exported)
     HIST_BINS,
     otsu_threshold,
+    parse_threshold_spec,
     quantile_threshold,
 )
 
@@ -145,19 +148,7 @@ class TileLabels:
 
 def parse_threshold(value: float | str) -> float | str:
     """A number in [0, 1) or one of :data:`AUTO_METHODS`, or :class:`InputError`."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in AUTO_METHODS:
-            return text
-        try:
-            number = float(text)
-        except ValueError as exc:
-            raise InputError(
-                f"threshold {value!r} is neither a number nor one of {', '.join(AUTO_METHODS)}; "
-                "give e.g. 0.3 or auto"
-            ) from exc
-        return check_threshold(number)
-    return check_threshold(value)
+    return parse_threshold_spec(value, AUTO_METHODS)
 
 
 def choose_threshold(
@@ -252,13 +243,6 @@ def _tile_labels_from_scene(
             progress=progress,
         )
     return TileLabels.from_frame(tiles)
-
-
-def _prob_valid(prob: np.ndarray, nodata: Any) -> np.ndarray:
-    valid = np.isfinite(prob)
-    if nodata is not None and np.isfinite(nodata):
-        valid &= prob != nodata
-    return valid
 
 
 def pseudo_from_window(
@@ -371,7 +355,7 @@ def make_pseudo_labels(
                 for window in strips:
                     progress.check_cancelled()
                     prob = src.read(1, window=window)
-                    valid = _prob_valid(prob, nodata)
+                    valid = valid_values(prob, nodata)
                     state = tiles.state(int(window.row_off), prob.shape[0], prob.shape[1])
                     for value, hist in ((1, hist_c), (0, hist_u)):
                         sel = valid & (state == value)
@@ -387,7 +371,7 @@ def make_pseudo_labels(
                     for window in strips:
                         progress.check_cancelled()
                         prob = src.read(1, window=window)
-                        valid = _prob_valid(prob, nodata)
+                        valid = valid_values(prob, nodata)
                         state = written.state(int(window.row_off), prob.shape[0], prob.shape[1])
                         out = pseudo_from_window(prob, state, valid, value)
                         pixel_counts += [
@@ -438,12 +422,8 @@ def combine_maps(
 
     progress = progress or Progress()
     target = check_output(out_path, overwrite=overwrite)
-    with (
-        open_raster(first, "probability raster") as a,
-        open_raster(second, "probability raster") as b,
-    ):
-        if (a.width, a.height, a.crs, a.transform) != (b.width, b.height, b.crs, b.transform):
-            raise GridError(f"{first} and {second} are not on one grid; make both from one scene")
+    with contextlib.ExitStack() as stack:
+        a, b = open_on_one_grid(stack, [first, second])
         grid = Grid.from_dataset(a)
         strips = list(strip_windows(a.width, a.height))
         progress.stage("combine", total=len(strips), message="geometric mean of two maps")
@@ -452,7 +432,7 @@ def combine_maps(
                 for window in strips:
                     progress.check_cancelled()
                     pa, pb = a.read(1, window=window), b.read(1, window=window)
-                    valid = _prob_valid(pa, a.nodata) & _prob_valid(pb, b.nodata)
+                    valid = valid_values(pa, a.nodata) & valid_values(pb, b.nodata)
                     both = np.sqrt(np.clip(pa, 0, 1) * np.clip(pb, 0, 1))
                     dst.write(
                         np.where(valid, both, PROB_NODATA).astype(np.float32), 1, window=window

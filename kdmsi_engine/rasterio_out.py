@@ -28,7 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from kdmsi_engine.atomic import atomic_output, check_output
-from kdmsi_engine.errors import InputError
+from kdmsi_engine.errors import GridError, InputError
 from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,35 @@ def check_threshold(threshold: float) -> float:
     if not (0.0 <= value < 1.0) or math.isnan(value):
         raise InputError(f"threshold {threshold!r} is outside [0, 1); give e.g. 0.3 or 0.5")
     return value
+
+
+def valid_values(values: np.ndarray, nodata: Any) -> np.ndarray:
+    """Pixels of a band that hold data: finite and not the band's (finite) nodata value."""
+    valid = np.isfinite(values)
+    if nodata is not None and np.isfinite(nodata):
+        valid &= values != nodata
+    return valid
+
+
+def open_on_one_grid(
+    stack: contextlib.ExitStack, paths: Any, what: str = "probability raster"
+) -> list[Any]:
+    """Open rasters (entered on ``stack``) and check they share the first one's grid.
+
+    Raises:
+        GridError: a raster's size, CRS or transform differs from the first's.
+    """
+    sources = [stack.enter_context(open_raster(p, what)) for p in paths]
+    first = sources[0]
+    for path, src in zip(list(paths)[1:], sources[1:]):
+        if (src.width, src.height, src.crs, src.transform) != (
+            first.width,
+            first.height,
+            first.crs,
+            first.transform,
+        ):
+            raise GridError(f"{path} is not on the grid of {paths[0]}; make both from one scene")
+    return sources
 
 
 def open_raster(path: str | os.PathLike[str], what: str = "raster") -> Any:

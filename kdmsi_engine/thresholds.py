@@ -16,7 +16,6 @@ window by window (:class:`Histogram`), so choosing a threshold never holds a sce
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 
@@ -108,13 +107,9 @@ def parse_threshold_spec(value: float | str, named: tuple[str, ...] = NAMED) -> 
                 f"threshold {value!r} is neither a number in [0, 1) nor one of "
                 f"{', '.join(named)}; give e.g. 0.5 or {named[0]}"
             ) from exc
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"threshold {value!r} is not a number; give a value in [0, 1)") from exc
-    if math.isnan(number) or not 0.0 <= number < 1.0:
-        raise InputError(f"threshold {value!r} is outside [0, 1); give e.g. 0.5 or otsu")
-    return number
+    from kdmsi_engine.rasterio_out import check_threshold
+
+    return check_threshold(value)
 
 
 def raster_threshold(
@@ -139,16 +134,19 @@ def raster_threshold(
             "threshold unchanged-q needs weak labels with tiles labelled unchanged; give a "
             "number or otsu"
         )
-    from kdmsi_engine.rasterio_out import bounded_gdal_cache, open_raster, strip_windows
+    from kdmsi_engine.rasterio_out import (
+        bounded_gdal_cache,
+        open_raster,
+        strip_windows,
+        valid_values,
+    )
 
     histogram = Histogram()
     with bounded_gdal_cache(), open_raster(path, "probability raster") as src:
         nodata = src.nodata
         for window in strip_windows(src.width, src.height):
             data = src.read(band, window=window)
-            valid = np.isfinite(data)
-            if nodata is not None and np.isfinite(nodata):
-                valid &= data != nodata
+            valid = valid_values(data, nodata)
             if value == UNCHANGED_Q:
                 assert unchanged is not None
                 valid &= unchanged(int(window.row_off), int(window.height), int(window.width))

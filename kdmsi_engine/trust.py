@@ -25,7 +25,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from kdmsi_engine import defaults
-from kdmsi_engine.rasterio_out import bounded_gdal_cache, open_raster
+from kdmsi_engine.rasterio_out import bounded_gdal_cache, open_raster, valid_values
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def tile_change_shares(prob_path: str | os.PathLike[str], threshold: float, tile
                 int(tiles.height[i]),
             )  # fmt: skip
             prob = src.read(1, window=window)
-            valid = np.isfinite(prob)
-            if nodata is not None:
-                valid &= prob != nodata
+            valid = valid_values(prob, nodata)
             if valid.any():
                 shares[i] = float(np.count_nonzero(prob[valid] > threshold)) / valid.sum()
     return shares

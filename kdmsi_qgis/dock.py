@@ -193,13 +193,14 @@ class KdmsiDock(QDockWidget):
         self.detect_button.setToolTip(tr("Detect changes with the model file"))
         self.run_button = QPushButton(tr("Run all"), body)
         self.run_button.setToolTip(tr("Weak labels to change polygons: the whole chain"))
-        for button in (
+        self.step_buttons = (
             self.preview_button,
             self.grid_button,
             self.train_button,
             self.detect_button,
             self.run_button,
-        ):
+        )
+        for button in self.step_buttons:
             buttons.addWidget(button)
         self.grid_button.clicked.connect(self.create_grid)
         self.train_button.clicked.connect(self.train)
@@ -536,14 +537,7 @@ class KdmsiDock(QDockWidget):
             self.labels_combo.setLayer(layer)
 
     def _set_running(self, running: bool) -> None:
-        for button in (
-            self.preview_button,
-            self.grid_button,
-            self.train_button,
-            self.detect_button,
-            self.run_button,
-            self.env_button,
-        ):
+        for button in (*self.step_buttons, self.env_button):
             button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
 

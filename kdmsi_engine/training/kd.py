@@ -485,17 +485,11 @@ def tile_auc(scores: Any, labels: Any) -> float | None:
     pos, neg = scores[labels == 1], scores[labels == 0]
     if pos.size == 0 or neg.size == 0:
         return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(order.size, dtype=np.float64)
-    ranks[order] = np.arange(1, order.size + 1)
-    values = np.concatenate([pos, neg])[order]
-    # average ranks of ties
-    start = 0
-    for end in range(1, values.size + 1):
-        if end == values.size or values[end] != values[start]:
-            ranks[order[start:end]] = (start + 1 + end) / 2.0
-            start = end
-    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+    # for each changed tile: the unchanged tiles it beats, and half of those it ties with
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
 
 
 def teacher_separation(
