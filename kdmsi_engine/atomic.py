@@ -33,7 +33,10 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Pa
     if target.is_dir():
         raise OutputError(f"output {target} is a folder; give a file name")
     if target.exists() and not overwrite:
-        raise OutputError(f"output {target} already exists; pass --overwrite to replace it")
+        raise OutputError(
+            f"output {target} already exists; choose another name or allow replacing it",
+            parameters=("overwrite",),
+        )
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist; create it first")

@@ -63,6 +63,12 @@ BANDS: str | None = None
 LABEL_FIELD = "change"
 SEED = 0
 DEVICE = "auto"
+#: SGD and its schedule, both stages (the paper's): momentum, weight decay (not on biases and
+#: normalisation), polynomial decay per step, new layers at 10x the backbone's rate.
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+POLY_POWER = 0.9
+NEW_LAYER_LR_MULT = 10.0
 
 # ----------------------------------------------------------------------------- stage 1: KD-MSI
 TILE_SIZE = 256

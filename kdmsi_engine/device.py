@@ -42,8 +42,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if text == "cuda" or text.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"device {spec!r} asked for, but this torch sees no CUDA GPU; use --device cpu "
-                "or point the plugin at a Python environment with a CUDA build of torch"
+                f"device {spec!r} asked for, but this torch sees no CUDA GPU; use device cpu "
+                "or point the plugin at a Python environment with a CUDA build of torch",
+                parameters=("device",),
             )
         index = 0 if text == "cuda" else _parse_index(spec, text[5:])
         if index >= torch.cuda.device_count():

@@ -296,8 +296,9 @@ def evaluate_rasters(
         floating = np.issubdtype(np.dtype(pred.dtypes[0]), np.floating)
         if not floating and (threshold is not None or thresholds):
             raise InputError(
-                f"{pred_path} is a class raster ({pred.dtypes[0]}); --threshold and --sweep "
-                "apply to probability rasters only: leave them out"
+                f"{pred_path} is a class raster ({pred.dtypes[0]}); a threshold and a sweep "
+                "apply to probability rasters only: leave them out",
+                parameters=("threshold", "sweep"),
             )
         if floating and threshold is None:
             threshold = 0.5
@@ -335,7 +336,8 @@ def evaluate_rasters(
     if total.total == 0:
         raise InputError(
             f"no pixel is valid in both {pred_path} and {truth_path}; check that the truth "
-            "covers the predicted area and that its nodata value is right (--truth-nodata)"
+            "covers the predicted area and that its nodata value is right",
+            parameters=("truth_nodata",),
         )
     result.update(metrics_from_confusion(total))
     if thresholds:

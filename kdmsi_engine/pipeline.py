@@ -608,7 +608,7 @@ def _train_stages(
                 config=detector_config,
                 bands=config.bands,
                 device=device,
-                resume=resume,
+                resume=resume and checkpoint_path(detector_path).is_file(),
                 overwrite=overwrite or reuse,
                 progress=progress,
             ),

@@ -179,7 +179,8 @@ def choose_threshold(
         raise LabelError(
             f"threshold {method!r} needs tiles labelled "
             f"{'changed' if method == 'otsu' else 'changed or unchanged'} with valid "
-            "probabilities; give a number (e.g. --threshold 0.3)"
+            "probabilities; give a number as the threshold (e.g. 0.3)",
+            parameters=("threshold",),
         )
     return float(min(max(value, 0.0), 0.999)), info
 
@@ -232,7 +233,8 @@ def _tile_labels_from_scene(
             raise GridError(
                 f"the probability raster's grid ({grid.width}x{grid.height}) is not the grid of "
                 f"the scene {scene.name} ({sg.width}x{sg.height}); give the pair it was "
-                "inferred from, or leave --before/--after out"
+                "inferred from, or leave the before and after rasters out",
+                parameters=("before", "after"),
             )
         tiles = labelled_tiles(
             scene,
@@ -303,9 +305,15 @@ def make_pseudo_labels(
     progress = progress or Progress()
     mode = parse_threshold(threshold)
     if labels is None and tile_labels is None:
-        raise InputError("pseudo labels need weak labels: give --labels LABELS (a vector file)")
+        raise InputError(
+            "pseudo labels need weak labels: give a weak-label vector file",
+            parameters=("labels",),
+        )
     if (before is None) != (after is None):
-        raise InputError("give both --before and --after, or neither")
+        raise InputError(
+            "give both the before and the after raster, or neither",
+            parameters=("before", "after"),
+        )
     target = check_output(out_path, overwrite=overwrite)
     from kdmsi_engine.data.grid import Grid
 

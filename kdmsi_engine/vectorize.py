@@ -174,7 +174,8 @@ def vectorize_changes(
         if out_crs is not None and src_crs is None:
             raise InputError(
                 f"change raster {change_path} has no CRS, so it cannot be reprojected; "
-                "drop --dst-crs"
+                "leave the output CRS out",
+                parameters=("dst_crs",),
             )
         prob_ds = None
         if probability_path is not None:

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-# Before torch loads: OpenMP threads that spin on shared cores make tests several times slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# What the command line does first, before torch loads: OpenMP threads that spin on shared
+# cores make tests several times slower; PROJ's data where a venv hides it.
+from kdmsi_engine.environment import configure_process  # noqa: E402
+
+configure_process()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from kdmsi_engine import __version__
+from kdmsi_engine.environment import GDAL_CACHE_MB, configure_process
 from kdmsi_engine.errors import CancelledError, KdmsiError
 from kdmsi_engine.progress import BarReporter, CancelFlag, JsonReporter, Progress, ProgressEvent
 
@@ -89,11 +90,6 @@ class _GdalNoise(logging.Filter):
         return not record.name.endswith("._env")
 
 
-def _limit_gdal_cache() -> None:
-    """Cap GDAL's block cache (5 % of RAM by default) so long runs over huge rasters stay small."""
-    os.environ.setdefault("GDAL_CACHEMAX", "128")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kdmsi",
@@ -128,15 +124,15 @@ def _gdal_env() -> Any:
     except ImportError:
         return contextlib.nullcontext()
     try:
-        megabytes = int(os.environ.get("GDAL_CACHEMAX", "128"))
+        megabytes = int(os.environ.get("GDAL_CACHEMAX", GDAL_CACHE_MB))
     except ValueError:
-        megabytes = 128
+        megabytes = int(GDAL_CACHE_MB)
     return rasterio.Env(GDAL_CACHEMAX=megabytes * 2**20)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    _limit_gdal_cache()
+    configure_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     _Parser.json_errors = "--progress=json" in argv or any(
         a == "--progress" and b == "json" for a, b in zip(argv, argv[1:])
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args, reporter, CancelledError("cancelled by the user; nothing was written"))
     except KdmsiError as exc:
-        return _fail(args, reporter, exc)
+        return _fail(args, reporter, exc, parser)
     if result is not None:
         if args.progress == "json":
             reporter(ProgressEvent("result", progress.current_stage, data=result))
@@ -178,10 +174,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(args: argparse.Namespace, reporter: Any, exc: KdmsiError) -> int:
+def option_flags(parser: argparse.ArgumentParser, command: str, names: Any) -> list[str]:
+    """The command-line flags of engine parameters ``names`` in sub-command ``command``.
+
+    Engine errors name the parameters they are about (:class:`KdmsiError` ``parameters``), by
+    the job's keyword names, which are the parsers' ``dest`` names.
+    """
+    subparsers = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    sub = subparsers.choices.get(command)
+    if sub is None:
+        return []
+    flags = []
+    for name in names:
+        for action in sub._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if action.dest == name and long:
+                flags.append(long[0])
+                break
+    return flags
+
+
+def _fail(
+    args: argparse.Namespace,
+    reporter: Any,
+    exc: KdmsiError,
+    parser: argparse.ArgumentParser | None = None,
+) -> int:
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    parameters = list(getattr(exc, "parameters", ()))
     if args.progress == "json" and reporter is not None:
-        reporter(ProgressEvent("error", message=message, data={"type": type(exc).__name__}))
+        data = {"type": type(exc).__name__, "parameters": parameters}
+        reporter(ProgressEvent("error", message=message, data=data))
+    flags = option_flags(parser, args.command, parameters) if parser is not None else []
+    if flags:
+        message = f"{message} [{', '.join(flags)}]"
     if isinstance(reporter, BarReporter):
         reporter.finish()
     print(f"kdmsi {args.command}: error: {message}", file=sys.stderr)

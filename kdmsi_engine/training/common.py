@@ -195,5 +195,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ModelFile:
     checkpoint = load_model(path, file_format=CHECKPOINT_FORMAT)
     for key in ("optimizer", "epoch", "step"):
         if key not in checkpoint.extra:
-            raise ModelFileError(f"checkpoint {path} lacks {key!r}; start again without --resume")
+            raise ModelFileError(
+                f"checkpoint {path} lacks {key!r}; start again without resume",
+                parameters=("resume",),
+            )
     return checkpoint

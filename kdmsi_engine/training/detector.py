@@ -50,8 +50,8 @@ from kdmsi_engine.atomic import check_output
 from kdmsi_engine.data.raster import GridReader
 from kdmsi_engine.data.scene import ScenePair
 from kdmsi_engine.data.tiling import tile_windows
-from kdmsi_engine.device import autocast, describe_device, resolve_device
-from kdmsi_engine.errors import InputError, LabelError, ManifestError, ModelFileError, RasterError
+from kdmsi_engine.device import describe_device, resolve_device
+from kdmsi_engine.errors import InputError, LabelError, ManifestError, RasterError
 from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.deeplab import (
     DETECTOR_KIND,
@@ -62,15 +62,11 @@ from kdmsi_engine.progress import Progress
 from kdmsi_engine.training.common import (
     augment_batch,
     checkpoint_path,
-    epoch_generator,
-    epoch_order,
-    load_checkpoint,
     param_groups,
-    save_checkpoint,
     seed_everything,
-    set_poly_lr,
-    set_rng_state,
 )
+from kdmsi_engine.training.loop import Autocast, Checkpointing, LoopSettings, fit
+from kdmsi_engine.training.losses import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +98,11 @@ class DetectorConfig:
     epochs: int = defaults.DETECTOR_EPOCHS
     batch_size: int = defaults.DETECTOR_BATCH_SIZE
     lr: float = defaults.DETECTOR_LR
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    new_lr_mult: float = 10.0
-    poly_power: float = 0.9
-    seed: int = 0
+    momentum: float = defaults.MOMENTUM
+    weight_decay: float = defaults.WEIGHT_DECAY
+    new_lr_mult: float = defaults.NEW_LAYER_LR_MULT
+    poly_power: float = defaults.POLY_POWER
+    seed: int = defaults.SEED
     max_tiles: int | None = None
     #: A KD-MSI model file whose student backbone starts the encoder (instead of ``weights``):
     #: stage 1 has already adapted it to these images and this change.
@@ -181,7 +177,7 @@ def train_detector(
         max_tiles: use at most this many tiles (a random subset, for quick runs).
         class_weights: ``none`` (paper) or ``balanced`` (inverse class frequency).
         device: ``auto``, ``cpu``, ``cuda:N``.
-        resume: continue from ``OUT.ckpt`` when it exists.
+        resume: continue from the checkpoint ``OUT.ckpt`` (refused when there is none).
         overwrite: replace an existing model file.
         progress: progress and cancellation.
 
@@ -190,11 +186,17 @@ def train_detector(
     """
     if scenes is not None:
         if before or after or pseudo:
-            raise InputError("give either BEFORE AFTER --pseudo or --scenes, not both")
+            raise InputError(
+                "give either a scene pair with its pseudo labels or a manifest, not both",
+                parameters=("pseudo", "scenes"),
+            )
         specs = scenes_from_manifest(scenes, pseudo_dir)
     else:
         if not (before and after and pseudo):
-            raise InputError("give BEFORE AFTER --pseudo PSEUDO.tif, or --scenes MANIFEST")
+            raise InputError(
+                "give the before and after rasters with their pseudo labels, or a manifest",
+                parameters=("pseudo", "scenes"),
+            )
         specs = [DetectorScene(Path(before).stem, Path(before), Path(after), Path(pseudo))]
     config = DetectorConfig(
         backbone=backbone,
@@ -252,7 +254,9 @@ def scenes_from_manifest(
         out.append(DetectorScene(spec.name, Path(spec.before), Path(spec.after), found))
     if not out:
         raise ManifestError(
-            f"no scene of {path} has pseudo labels; add a 'pseudo' column or give --pseudo-dir"
+            f"no scene of {path} has pseudo labels; add a 'pseudo' column or give the folder "
+            "of pseudo labels",
+            parameters=("pseudo_dir",),
         )
     return out
 
@@ -286,7 +290,8 @@ def _open_scenes(specs: Sequence[DetectorScene], bands: object) -> list[ScenePai
             if scene.num_bands != opened[0].num_bands:
                 raise InputError(
                     f"scene {spec.name} gives {scene.num_bands} band(s), scene "
-                    f"{opened[0].name} {opened[0].num_bands}; choose the same bands with --bands"
+                    f"{opened[0].name} {opened[0].num_bands}; choose the same bands for all",
+                    parameters=("bands",),
                 )
     except BaseException:
         for scene in opened:
@@ -415,7 +420,9 @@ def _select_tiles(
     if not tiles:
         raise LabelError(
             f"no {config.tile_size} px tile has {config.min_labelled:.0%} labelled pixels in the "
-            "pseudo labels; label more tiles, lower --min-labelled or use a smaller --tile-size"
+            "pseudo labels; label more tiles, lower the minimum labelled fraction or use a "
+            "smaller tile size",
+            parameters=("min_labelled", "tile_size"),
         )
     if config.max_tiles is not None and len(tiles) > config.max_tiles:
         generator = torch.Generator().manual_seed(config.seed)
@@ -443,6 +450,10 @@ def train_detector_scenes(
         raise InputError("no training scene given")
     target = check_output(out_path, overwrite=overwrite)
     ckpt = checkpoint_path(target)
+    if resume and not ckpt.is_file():
+        raise InputError(
+            f"resume: no checkpoint {ckpt}; run again without resume", parameters=("resume",)
+        )
     torch_device = resolve_device(device)
     if config.backbone == "auto":
         from dataclasses import replace
@@ -479,7 +490,7 @@ def train_detector_scenes(
         bytes_needed = len(tiles) * config.tile_size**2 * (scenes[0].num_bands * 2 * 2 + 1)
         data = _TileSet(scenes, readers, tiles, cache=bytes_needed <= CACHE_BYTES)
         metadata = _metadata(specs, scenes, config, len(tiles), torch_device)
-        result = _fit(model, data, config, metadata, target, ckpt, torch_device, resume, progress)
+        result = _fit(model, data, config, metadata, ckpt, torch_device, resume, progress)
     finally:
         for reader in readers:
             reader.close()
@@ -569,12 +580,56 @@ def _resume_key(metadata: dict[str, Any]) -> dict[str, Any]:
     return {"architecture": metadata["architecture"], "bands": metadata["bands"], **training}
 
 
+class DetectorTask:
+    """The detector for :func:`~kdmsi_engine.training.loop.fit`: one network, cross-entropy.
+
+    A batch is (before, after, pseudo labels), the same symmetry for all three; a batch without
+    any labelled pixel is skipped. On a CPU the network and its inputs are channels-last, the
+    layout oneDNN's convolutions run fastest in.
+    """
+
+    stage = "train-detector"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: _TileSet,
+        device: torch.device,
+        class_weight: torch.Tensor | None,
+    ) -> None:
+        self.model, self.data, self.device, self.class_weight = model, data, device, class_weight
+        self.memory_format = (
+            torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        )
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"detector": self.model}
+
+    def num_samples(self) -> int:
+        return len(self.data)
+
+    def load_batch(self, indexes: list[int], generator: torch.Generator) -> tuple[Any, ...] | None:
+        before, after, labels = self.data.batch(indexes)
+        before, after, labels = augment_batch(before, after, labels, generator=generator)
+        if not bool((labels != IGNORE).any()):
+            return None
+        before = before.to(self.device).contiguous(memory_format=self.memory_format)
+        after = after.to(self.device).contiguous(memory_format=self.memory_format)
+        return before, after, labels.to(self.device)
+
+    def losses(self, batch: tuple[Any, ...], autocast: Autocast) -> tuple[Any, dict[str, Any]]:
+        before, after, labels = batch
+        with autocast():
+            logits = self.model(before, after)
+        # the loss in float32 outside autocast: the log-softmax of rare-change pixels is small
+        return detector_loss(logits, labels, self.class_weight), {}
+
+
 def _fit(
     model: torch.nn.Module,
     data: _TileSet,
     config: DetectorConfig,
     metadata: dict[str, Any],
-    target: Path,
     ckpt: Path,
     device: torch.device,
     resume: bool,
@@ -597,72 +652,25 @@ def _fit(
         weight = torch.tensor(balanced_weights(counts), dtype=torch.float32, device=device)
         metadata["training"]["class_pixel_counts"] = counts
         metadata["training"]["class_weight_values"] = [round(float(w), 4) for w in weight]
-    n = len(data)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    start_epoch, step = 0, 0
-    key = _resume_key(metadata)
-    if resume and ckpt.exists():
-        checkpoint = load_checkpoint(ckpt)
-        if checkpoint.extra.get("resume_key") != key:
-            raise ModelFileError(
-                f"checkpoint {ckpt} was made with other data or parameters; delete it or run "
-                "without --resume"
-            )
-        model.load_state_dict(checkpoint.tensors["detector"])
-        optimizer.load_state_dict(checkpoint.extra["optimizer"])
-        start_epoch, step = int(checkpoint.extra["epoch"]), int(checkpoint.extra["step"])
-        set_rng_state(checkpoint.extra.get("rng", {}))
-        progress.log(f"resuming detector training after epoch {start_epoch}")
-    elif ckpt.exists() and not resume:
-        logger.info("ignoring old checkpoint %s (no --resume)", ckpt)
-    progress.stage(
-        "train-detector",
-        total=total_steps,
-        message=f"{n} tiles, {config.epochs} epochs, batch {config.batch_size}",
+    settings = LoopSettings(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        poly_power=config.poly_power,
+        seed=config.seed,
+        precision=resolve_precision("auto", device),
+        device=device,
     )
-    if step:
-        progress.advance(step)
-    final_loss = float("nan")
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        order = epoch_order(n, config.seed, epoch)
-        generator = epoch_generator(config.seed, epoch, 1)
-        losses: list[float] = []
-        for start in range(0, n, config.batch_size):
-            progress.check_cancelled()
-            before, after, labels = data.batch(order[start : start + config.batch_size])
-            before, after, labels = augment_batch(before, after, labels, generator=generator)
-            if not bool((labels != IGNORE).any()):
-                step += 1
-                progress.advance(1)
-                continue
-            before = before.to(device).contiguous(memory_format=torch.channels_last)
-            after = after.to(device).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device)
-            lr_now = set_poly_lr(optimizer, config.lr, step, total_steps, config.poly_power)
-            with autocast(device):
-                logits = model(before, after)
-            loss = detector_loss(logits, labels, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            progress.advance(1, loss=losses[-1], lr=lr_now, epoch=epoch + 1)
-        if losses:
-            final_loss = float(np.mean(losses))
-        logger.info("detector epoch %d/%d: loss %.4f", epoch + 1, config.epochs, final_loss)
-        if epoch + 1 < config.epochs:
-            save_checkpoint(
-                ckpt,
-                metadata=metadata,
-                networks={"detector": model},
-                optimizer=optimizer,
-                epoch=epoch + 1,
-                step=step,
-                extra={"resume_key": key},
-            )
+    fitted = fit(
+        DetectorTask(model, data, device, weight),
+        optimizer,
+        settings,
+        Checkpointing(ckpt, metadata, _resume_key(metadata)),
+        resume=resume,
+        progress=progress,
+        message=f"{len(data)} tiles, {config.epochs} epochs, batch {config.batch_size}",
+    )
     model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     model.eval()
-    return {"model": model, "final_loss": round(final_loss, 5)}
+    final = fitted.final_loss
+    return {"model": model, "final_loss": None if final is None else round(final, 5)}

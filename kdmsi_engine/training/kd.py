@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import torch
 from kdmsi_engine import __version__, defaults
 from kdmsi_engine.atomic import check_output
 from kdmsi_engine.device import describe_device, resolve_device
-from kdmsi_engine.errors import CancelledError, InputError, ModelFileError
+from kdmsi_engine.errors import InputError
 from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.backbones import BACKBONES, resolve_backbone
 from kdmsi_engine.models.kdmsi import MODEL_KIND, SiameseCAMNet, architecture, build_kdmsi_models
@@ -52,15 +51,10 @@ from kdmsi_engine.progress import Progress
 from kdmsi_engine.training.common import (
     augment_batch,
     checkpoint_path,
-    epoch_generator,
-    epoch_order,
-    load_checkpoint,
     param_groups,
-    save_checkpoint,
     seed_everything,
-    set_poly_lr,
-    set_rng_state,
 )
+from kdmsi_engine.training.loop import Autocast, Checkpointing, LoopSettings, fit
 from kdmsi_engine.training.losses import (  # noqa: F401 (re-exported)
     PRECISIONS,
     KDLosses,
@@ -96,12 +90,21 @@ def _check_params(
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if int(epochs) != epochs or epochs < 1:
-        raise InputError(f"--epochs must be a whole number >= 1, got {epochs}")
+        raise InputError(
+            f"the number of epochs must be a whole number >= 1, got {epochs}",
+            parameters=("epochs",),
+        )
     if int(batch_size) != batch_size or batch_size < 1:
-        raise InputError(f"--batch-size must be a whole number >= 1, got {batch_size}")
-    for name, value in (("--lr", lr), ("--kd-weight", kd_weight)):
+        raise InputError(
+            f"the batch size must be a whole number >= 1, got {batch_size}",
+            parameters=("batch_size",),
+        )
+    for name, words, value in (
+        ("lr", "the learning rate", lr),
+        ("kd_weight", "the distillation weight", kd_weight),
+    ):
         if not (value > 0 and math.isfinite(value)):
-            raise InputError(f"{name} must be a positive number, got {value}")
+            raise InputError(f"{words} must be a positive number, got {value}", parameters=(name,))
     if not (0 <= momentum < 1) or not (0 <= weight_decay < 1):
         raise InputError("momentum must be in [0,1) and weight decay in [0,1)")
 
@@ -113,7 +116,8 @@ def _check_weights(weights: str | os.PathLike[str]) -> str:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise InputError(
-            f"--weights {spec!r} is neither 'imagenet', 'none' nor an existing file; check the path"
+            f"weights {spec!r} are neither 'imagenet', 'none' nor an existing file; check the path",
+            parameters=("weights",),
         )
     return str(path.absolute())
 
@@ -133,16 +137,16 @@ def train_kdmsi(
     epochs: int = defaults.KD_EPOCHS,
     batch_size: int = defaults.KD_BATCH_SIZE,
     lr: float = defaults.KD_LR,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    power: float = 0.9,
+    momentum: float = defaults.MOMENTUM,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    power: float = defaults.POLY_POWER,
     kd_weight: float = defaults.KD_WEIGHT,
     teacher_combination: str = defaults.TEACHER_COMBINATION,
     student_combination: str = defaults.STUDENT_COMBINATION,
     tile_size: int = defaults.TILE_SIZE,
     min_valid_fraction: float = 0.5,
     bands: object = None,
-    seed: int = 0,
+    seed: int = defaults.SEED,
     augment: bool = True,
     resume: bool = False,
     device: str = "auto",
@@ -173,11 +177,15 @@ def train_kdmsi(
     ]
     if sum(given) != 1:
         raise InputError(
-            "give one data source: BEFORE AFTER --labels LABELS, or --scenes MANIFEST, or "
-            "--dataset DIR"
+            "give one data source: a scene pair with weak labels, a manifest of scenes, or a "
+            "folder dataset",
+            parameters=("labels", "scenes", "dataset"),
         )
     if given[0] and (before is None or after is None or labels is None):
-        raise InputError("training on a scene pair needs BEFORE, AFTER and --labels LABELS")
+        raise InputError(
+            "training on a scene pair needs the before and after rasters and the weak labels",
+            parameters=("labels",),
+        )
     torch_device = resolve_device(device)
     backbone, choice = resolve_backbone(backbone, str(weights), torch_device)
     if choice:
@@ -196,7 +204,9 @@ def train_kdmsi(
     out_path = check_output(out, overwrite=overwrite)
     ckpt = checkpoint_path(out_path)
     if resume and not ckpt.is_file():
-        raise InputError(f"--resume: no checkpoint {ckpt}; run again without --resume")
+        raise InputError(
+            f"resume: no checkpoint {ckpt}; run again without resume", parameters=("resume",)
+        )
     progress.stage("tiles", message="collecting labelled tiles")
     common = {"tile_size": tile_size, "bands": bands, "min_valid_fraction": min_valid_fraction}
     if dataset is not None:
@@ -252,22 +262,66 @@ def _training_params(**kwargs: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
 
 
+class KDTask:
+    """KD-MSI for :func:`~kdmsi_engine.training.loop.fit`: teacher and student, one loss.
+
+    A batch is (before, after, valid mask, tile labels), augmented with the same symmetry for
+    both dates and the mask; the loss is :func:`kd_losses` (BCE of the teacher's tile logit plus
+    ``kd_weight`` times the student's MSE to the CAM).
+    """
+
+    stage = "train"
+
+    def __init__(
+        self,
+        teacher: SiameseCAMNet,
+        student: SiameseCAMNet,
+        store: TileStore,
+        *,
+        kd_weight: float,
+        augment: bool,
+        device: torch.device,
+    ) -> None:
+        self.teacher, self.student, self.store = teacher, student, store
+        self.kd_weight, self.augment, self.device = kd_weight, augment, device
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"teacher": self.teacher, "student": self.student}
+
+    def num_samples(self) -> int:
+        return len(self.store.tset.tiles)
+
+    def load_batch(self, indexes: list[int], generator: torch.Generator) -> tuple[Any, ...]:
+        before, after, valid, labels = self.store.batch(indexes)
+        if self.augment:
+            before, after, valid = augment_batch(before, after, valid, generator=generator)
+        return tuple(t.to(self.device) for t in (before, after, valid, labels))
+
+    def losses(self, batch: tuple[Any, ...], autocast: Autocast) -> tuple[Any, dict[str, Any]]:
+        before, after, valid, labels = batch
+        with autocast():
+            out = kd_losses(
+                self.teacher, self.student, before, after, labels, valid, kd_weight=self.kd_weight
+            )
+        return out.total, {"cls": out.cls, "kd": out.kd}
+
+
 def fit_kdmsi(
     tset: TrainingSet,
     *,
     out: str | os.PathLike[str] | None,
-    backbone: str = "resnet50",
-    weights: str | os.PathLike[str] = "imagenet",
-    epochs: int = 20,
-    batch_size: int = 8,
-    lr: float = 0.001,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    power: float = 0.9,
-    kd_weight: float = 10.0,
-    teacher_combination: str = "diff",
-    student_combination: str = "diff",
-    seed: int = 0,
+    backbone: str = defaults.BACKBONE,
+    weights: str | os.PathLike[str] = defaults.WEIGHTS_DEFAULT,
+    epochs: int = defaults.KD_EPOCHS,
+    batch_size: int = defaults.KD_BATCH_SIZE,
+    lr: float = defaults.KD_LR,
+    momentum: float = defaults.MOMENTUM,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    power: float = defaults.POLY_POWER,
+    kd_weight: float = defaults.KD_WEIGHT,
+    teacher_combination: str = defaults.TEACHER_COMBINATION,
+    student_combination: str = defaults.STUDENT_COMBINATION,
+    seed: int = defaults.SEED,
     augment: bool = True,
     resume: bool = False,
     device: torch.device | str = "cpu",
@@ -277,10 +331,10 @@ def fit_kdmsi(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train on a prepared training set; write ``out`` (unless ``None``) and return a summary.
+    """Train on a prepared training set; return a summary and, with ``out``, write the model.
 
-    The summary has the trained ``teacher`` and ``student`` networks under ``networks`` when
-    ``out`` is ``None`` (for the ablation tool), and the model ``metadata``.
+    The summary always holds the trained ``teacher`` and ``student`` under ``networks`` and the
+    model ``metadata``; with ``out`` the model file is written and its path is ``model``.
     """
     progress = progress or Progress()
     tset.check_classes()
@@ -307,7 +361,7 @@ def fit_kdmsi(
         momentum=float(momentum),
         weight_decay=float(weight_decay),
         poly_power=float(power),
-        new_layer_lr_mult=10.0,
+        new_layer_lr_mult=defaults.NEW_LAYER_LR_MULT,
         kd_weight=float(kd_weight),
         teacher_combination=teacher_combination,
         student_combination=student_combination,
@@ -315,24 +369,11 @@ def fit_kdmsi(
         augment=bool(augment),
         optimizer="SGD",
     )
-    data_info = tset.describe()
-    scaling = next(iter(tset.scalings.values())) if len(tset.scalings) == 1 else None
-    metadata: dict[str, Any] = {
-        "kind": MODEL_KIND,
-        "architecture": arch,
-        "bands": list(tset.bands),
-        "num_bands": tset.num_bands,
-        "scaling": scaling,
-        "scalings": tset.scalings,
-        "tile_size": tset.tile_size,
-        "training": {"data": data_info, "parameters": params},
-        "engine_version": __version__,
-    }
-
+    metadata = _metadata(tset, arch, params)
     seed_everything(int(seed))
     teacher, student = build_kdmsi_models(arch, weights=weights)
-    teacher.to(torch_device).train()
-    student.to(torch_device).train()
+    teacher.to(torch_device)
+    student.to(torch_device)
     groups = param_groups(
         teacher.backbone_parameters() + student.backbone_parameters(),
         teacher.new_parameters() + student.new_parameters(),
@@ -340,125 +381,62 @@ def fit_kdmsi(
         weight_decay=weight_decay,
     )
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scaler = make_scaler(precision)
-    num = len(tset.tiles)
-    steps_per_epoch = math.ceil(num / batch_size)
-    total_steps = steps_per_epoch * int(epochs)
-    start_epoch, step = 0, 0
-    history: list[dict[str, float]] = []
-    seconds_before = 0.0
-    if resume:
-        if ckpt is None or not ckpt.is_file():
-            raise InputError(f"--resume: no checkpoint {ckpt}; run again without --resume")
-        start_epoch, step, history, seconds_before = _restore(
-            ckpt, metadata, teacher, student, optimizer, scaler
-        )
-        progress.log(f"resuming from {ckpt} after epoch {start_epoch}")
-    progress.log(
-        f"device: {describe_device(torch_device)}; precision {precision}",
-        device=str(torch_device),
+    settings = LoopSettings(
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        poly_power=float(power),
+        seed=int(seed),
         precision=precision,
+        device=torch_device,
     )
-    started = time.monotonic()
+    resume_key = {
+        "architecture": arch,
+        "tile_size": tset.tile_size,
+        "bands": list(tset.bands),
+        "parameters": params,
+        "tiles": metadata["training"]["data"].get("tiles"),
+    }
+    steps_per_epoch = math.ceil(len(tset.tiles) / batch_size)
     with TileStore(tset, cache_bytes=cache_bytes, progress=progress) as store:
-        progress.stage(
-            "train",
-            total=total_steps,
+        task = KDTask(
+            teacher, student, store, kd_weight=kd_weight, augment=augment, device=torch_device
+        )
+        fitted = fit(
+            task,
+            optimizer,
+            settings,
+            Checkpointing(ckpt, metadata, resume_key),
+            resume=resume,
+            progress=progress,
             message=f"{backbone}, {epochs} epochs of {steps_per_epoch} batches",
         )
-        if step:
-            progress.advance(step)
-        train_started = time.monotonic()
-        tiles_seen = 0
-        try:
-            for epoch in range(start_epoch, int(epochs)):
-                sums = {"loss": 0.0, "cls": 0.0, "kd": 0.0}
-                order = epoch_order(num, int(seed), epoch)
-                aug_gen = epoch_generator(int(seed), epoch, 1)
-                for first in range(0, num, batch_size):
-                    progress.check_cancelled()
-                    indexes = order[first : first + batch_size]
-                    before, after, valid, labels = store.batch(indexes)
-                    if augment:
-                        before, after, valid = augment_batch(
-                            before, after, valid, generator=aug_gen
-                        )
-                    before, after = before.to(torch_device), after.to(torch_device)
-                    valid, labels = valid.to(torch_device), labels.to(torch_device)
-                    base_lr = set_poly_lr(optimizer, lr, step, total_steps, power)
-                    values = train_step(
-                        teacher,
-                        student,
-                        optimizer,
-                        before,
-                        after,
-                        labels,
-                        valid,
-                        kd_weight=kd_weight,
-                        precision=precision,
-                        scaler=scaler,
-                    )
-                    step += 1
-                    tiles_seen += len(indexes)
-                    for key, value in values.items():
-                        sums[key] += value * len(indexes)
-                    if not math.isfinite(values["loss"]):
-                        raise InputError(
-                            f"training diverged (loss {values['loss']}) at epoch {epoch + 1}; "
-                            "lower --lr or use --precision fp32"
-                        )
-                    progress.advance(1, epoch=epoch + 1, lr=base_lr, **values)
-                history.append({k: v / num for k, v in sums.items()} | {"epoch": epoch + 1})
-                progress.log(
-                    f"epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f} "
-                    f"(cls {history[-1]['cls']:.4f}, kd {history[-1]['kd']:.5f})",
-                    **history[-1],
-                )
-                if ckpt is not None:
-                    save_checkpoint(
-                        ckpt,
-                        metadata=metadata,
-                        networks={"teacher": teacher, "student": student},
-                        optimizer=optimizer,
-                        epoch=epoch + 1,
-                        step=step,
-                        scaler=scaler,
-                        extra={
-                            "history": history,
-                            "seconds": seconds_before + time.monotonic() - started,
-                        },
-                    )
-        except CancelledError as exc:
-            if ckpt is not None and ckpt.is_file():
-                raise CancelledError(
-                    f"training cancelled; the last finished epoch is saved in {ckpt}: run the "
-                    "same command with --resume to continue"
-                ) from exc
-            raise
-        train_seconds = time.monotonic() - train_started
         teacher.eval()
         student.eval()
         separation = teacher_separation(teacher, store, batch_size, torch_device)
-    total_seconds = seconds_before + time.monotonic() - started
-    metadata["training"]["history"] = history
-    metadata["training"]["teacher_separation"] = separation
-    metadata["training"]["device"] = describe_device(torch_device)
-    metadata["training"]["precision"] = precision
+    metadata["training"].update(
+        history=fitted.history,
+        teacher_separation=separation,
+        device=describe_device(torch_device),
+        precision=precision,
+    )
     metadata["timings"] = {
-        "train_seconds": round(total_seconds, 2),
-        "tile_pairs_per_second": round(tiles_seen / train_seconds, 3) if train_seconds else None,
+        "train_seconds": round(fitted.seconds, 2),
+        "tile_pairs_per_second": round(fitted.samples_per_second, 3)
+        if fitted.samples_per_second
+        else None,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
     }
     result: dict[str, Any] = {
-        "tiles": num,
+        "tiles": len(tset.tiles),
         "changed_tiles": tset.num_changed,
         "unchanged_tiles": tset.num_unchanged,
         "epochs": int(epochs),
         "device": str(torch_device),
         "precision": precision,
-        "seconds": round(total_seconds, 1),
-        "final_loss": history[-1]["loss"] if history else None,
+        "seconds": round(fitted.seconds, 1),
+        "final_loss": fitted.final_loss,
         "teacher_separation": separation,
     }
     if out_path is not None:
@@ -472,10 +450,24 @@ def fit_kdmsi(
             with contextlib.suppress(FileNotFoundError):
                 ckpt.unlink()
         result["model"] = str(out_path)
-    else:
-        result["networks"] = {"teacher": teacher, "student": student}
+    result["networks"] = {"teacher": teacher, "student": student}
     result["metadata"] = metadata
     return result
+
+
+def _metadata(tset: TrainingSet, arch: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The model file's metadata before training (history and timings are added after)."""
+    return {
+        "kind": MODEL_KIND,
+        "architecture": arch,
+        "bands": list(tset.bands),
+        "num_bands": tset.num_bands,
+        "scaling": next(iter(tset.scalings.values())) if len(tset.scalings) == 1 else None,
+        "scalings": tset.scalings,
+        "tile_size": tset.tile_size,
+        "training": {"data": tset.describe(), "parameters": params},
+        "engine_version": __version__,
+    }
 
 
 def tile_auc(scores: Any, labels: Any) -> float | None:
@@ -520,52 +512,3 @@ def teacher_separation(
         "tiles": int(labels.size),
         "note": "on the training tiles",
     }
-
-
-def _restore(
-    ckpt: Path,
-    metadata: dict[str, Any],
-    teacher: SiameseCAMNet,
-    student: SiameseCAMNet,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any | None,
-) -> tuple[int, int, list[dict[str, float]], float]:
-    state = load_checkpoint(ckpt)
-    old = state.metadata
-    for key in ("architecture", "tile_size", "bands"):
-        if old.get(key) != metadata.get(key):
-            raise InputError(
-                f"--resume: the checkpoint {ckpt} was made with another {key}; use the same "
-                "options or run without --resume"
-            )
-    if old.get("training", {}).get("parameters") != metadata["training"]["parameters"]:
-        raise InputError(
-            f"--resume: the checkpoint {ckpt} was made with other training parameters; use the "
-            "same options or run without --resume"
-        )
-    if old.get("training", {}).get("data", {}).get("tiles") != metadata["training"]["data"].get(
-        "tiles"
-    ):
-        raise InputError(
-            f"--resume: the checkpoint {ckpt} was made with other training tiles; use the same "
-            "data or run without --resume"
-        )
-    try:
-        teacher.load_state_dict(state.tensors["teacher"], strict=True)
-        student.load_state_dict(state.tensors["student"], strict=True)
-        optimizer.load_state_dict(state.extra["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise ModelFileError(
-            f"checkpoint {ckpt} does not fit these networks; run again without --resume"
-        ) from exc
-    if scaler is not None and "scaler" in state.extra:
-        scaler.load_state_dict(state.extra["scaler"])
-    if "rng" in state.extra:
-        set_rng_state(state.extra["rng"])
-    history = list(state.extra.get("history", []))
-    return (
-        int(state.extra["epoch"]),
-        int(state.extra["step"]),
-        history,
-        float(state.extra.get("seconds", 0.0)),
-    )

@@ -104,7 +104,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else cpu_precision()
     if precision == "fp16" and device.type != "cuda":
-        raise InputError("fp16 training needs a CUDA device; use --precision bf16 or fp32 on CPU")
+        raise InputError(
+            "fp16 training needs a CUDA device; use precision bf16 or fp32 on a CPU",
+            parameters=("precision",),
+        )
     if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
         logger.warning("this CPU has no native bf16: bf16 training will be slow")
     return precision

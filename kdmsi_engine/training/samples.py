@@ -107,7 +107,9 @@ class TrainingSet:
             raise LabelError(
                 f"training needs changed and unchanged tiles, found {changed} changed and "
                 f"{unchanged} unchanged ({self.unlabelled} unlabelled) at {self.tile_size} px; "
-                "label both kinds of area, pass --unmarked-unchanged, or change --tile-size"
+                "label both kinds of area, count unmarked areas as unchanged, or change the "
+                "tile size",
+                parameters=("unmarked_unchanged", "tile_size"),
             )
 
     def describe(self) -> dict[str, Any]:
@@ -182,7 +184,8 @@ def _finish(
     if len(counts) > 1:
         raise InputError(
             f"the scenes have different band counts ({sorted(counts)}); choose the same number "
-            "of bands for every scene with --bands"
+            "of bands for every scene",
+            parameters=("bands",),
         )
     bands = band_sets[0] if band_sets else ()
     tset = TrainingSet(scenes, tiles, tile_size, bands, len(bands), scalings, source, unlabelled)

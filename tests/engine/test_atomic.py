@@ -74,10 +74,10 @@ def test_sqlite_side_files_removed(tmp_path: Path) -> None:
 def test_existing_file_kept_without_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "model.kdmsi"
     target.write_bytes(b"earlier result")
-    with pytest.raises(OutputError, match="already exists.*--overwrite"), atomic_output(target):
+    with pytest.raises(OutputError, match="already exists.*replacing"), atomic_output(target):
         pytest.fail("the block must not run when the output exists")
     assert target.read_bytes() == b"earlier result"
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already exists"):
         write_text_atomic(target, "new")
     assert target.read_bytes() == b"earlier result"
     assert partial_files(tmp_path) == []

@@ -165,7 +165,7 @@ def test_checkpoint_round_trip_with_extra(tmp_path: Path) -> None:
 
 def test_save_never_overwrites_unasked(model_path: Path) -> None:
     before = model_path.read_bytes()
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already exists"):
         save_model(model_path, {"kind": "detector"}, {"detector": {"w": torch.zeros(1)}})
     assert model_path.read_bytes() == before
     save_model(

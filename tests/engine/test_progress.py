@@ -169,7 +169,10 @@ def _fake_module(behaviour: str) -> types.ModuleType:
         progress.stage("work", total=2, message="working")
         progress.advance(loss=np.float32(0.5))
         if behaviour == "input-error":
-            raise InputError("band 9 is out of range: the raster has 3 bands; use --bands 1,2,3")
+            raise InputError(
+                "band 9 is out of range: the raster has 3 bands; choose others",
+                parameters=("bands",),
+            )
         if behaviour == "multiline-error":
             raise RasterError("first line says it\nsecond line must not appear")
         if behaviour == "interrupt":
@@ -181,6 +184,7 @@ def _fake_module(behaviour: str) -> types.ModuleType:
 
     def register(subparsers, common):  # type: ignore[no-untyped-def]
         parser = subparsers.add_parser("fakejob", parents=[common], help="test")
+        parser.add_argument("-b", "--bands", help="bands")
         parser.set_defaults(handler=_handle)
 
     module.register = register  # type: ignore[attr-defined]
@@ -222,14 +226,16 @@ def test_cli_error_one_line(fake_cli, capfd, mode: str) -> None:  # type: ignore
     fake_cli("input-error")
     assert cli.main(["fakejob", "--progress", mode]) == 2
     out, err = capfd.readouterr()
+    # the engine's message names the parameter in words; the command line adds its flag
     expected = (
-        "kdmsi fakejob: error: band 9 is out of range: the raster has 3 bands; use --bands 1,2,3"
+        "kdmsi fakejob: error: band 9 is out of range: the raster has 3 bands; choose others "
+        "[--bands]"
     )
     assert err.splitlines()[-1] == expected
     if mode == "json":
         events = _events(out)
         assert events[-1]["event"] == "error"
-        assert events[-1]["data"] == {"type": "InputError"}
+        assert events[-1]["data"] == {"type": "InputError", "parameters": ["bands"]}
         assert events[-1]["message"].startswith("band 9 is out of range")
     if mode != "bar":
         assert err.count("\n") == 1, err

@@ -105,7 +105,7 @@ def test_band_out_of_range(landsat: tuple[Path, Path]) -> None:
 def test_band_counts_differ(tmp_path: Path) -> None:
     a = write_raster(tmp_path / "a.tif", ramp(2, 40, 40))
     b = write_raster(tmp_path / "b.tif", ramp(1, 40, 40))
-    with pytest.raises(InputError, match="--bands"):
+    with pytest.raises(InputError, match="same bands"):
         ScenePair.open(a, b)
 
 
