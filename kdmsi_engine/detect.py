@@ -206,7 +206,7 @@ def detect_scene(
         scene_name: value of the polygons' ``scene`` attribute (default: before file's stem).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace existing outputs.
-        write_record: write ``run.json`` (the pipeline writes its own).
+        write_record: write ``run.json`` (``run`` and ``batch`` write their own).
         unchanged_tiles: optional :class:`~kdmsi_engine.pseudo.TileLabels` on the scene grid:
             they allow the threshold ``unchanged-q`` (the ``unchanged_quantile`` of the
             probabilities on the tiles labelled unchanged) and, with ``keep_unchanged_out``,

@@ -11,7 +11,7 @@ from pathlib import Path
 from kdmsi_engine import defaults
 from kdmsi_engine.cli import build_parser
 from kdmsi_engine.cli.run import config_from_args
-from kdmsi_engine.pipeline import RunConfig
+from kdmsi_engine.jobs.config import RunConfig
 from kdmsi_engine.training.detector import DetectorConfig, train_detector
 from kdmsi_engine.training.kd import train_kdmsi
 

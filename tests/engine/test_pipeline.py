@@ -11,7 +11,7 @@ from detect_testutils import crop_sample, tiny_config
 from rasterio.windows import Window
 
 from kdmsi_engine.errors import OutputError
-from kdmsi_engine.pipeline import run_scene
+from kdmsi_engine.jobs.run import run_scene
 
 FILES = (
     "student.kdmsi", "msi_probability.tif", "change_evidence.tif", "pseudo_labels.tif",
