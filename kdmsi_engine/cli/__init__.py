@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "run",
     "batch",
     "convert_model",
+    "export",
     "env",
 )
 
