@@ -116,9 +116,15 @@ class StackedDetector(nn.Module):
 
 def export_packages_missing() -> list[str]:
     """The packages of :data:`EXPORT_PACKAGES` this Python cannot import."""
-    import importlib.util
+    import importlib
 
-    return [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def require_export_packages() -> None:
