@@ -191,7 +191,10 @@ def training_resolution_cm(metadata: dict[str, Any]) -> float | None:
         return None
     if crs.is_geographic or b or d:
         return None
-    _unit, metres = crs.linear_units_factor
+    try:
+        _unit, metres = crs.linear_units_factor
+    except CRSError:  # a CRS without a linear unit
+        return None
     size = (abs(a) + abs(e)) / 2.0 * float(metres)
     return round(size * 100.0, 6) if math.isfinite(size) and size > 0 else None
 
@@ -555,12 +558,7 @@ def export_detector(
     progress.check_cancelled()
     proto = _onnx_model(wrapper, tile, opset)
     props = deepness_metadata(metadata, scaling, tile, source, checksum, scaling_source)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name, proto.producer_version = "kdmsi", __version__
-    proto.doc_string = "KD-MSI change detector: " + json.loads(props["kdmsi_input"])
+    _set_metadata(proto, props)
     progress.advance(1, message="exported")
     progress.check_cancelled()
     vrt_out = (vrt_target, vrt_text) if vrt_target is not None and vrt_text else None
@@ -579,8 +577,35 @@ def export_detector(
     )
     if vrt_text is not None:
         result["vrt_resolution"] = list(vrt_grid.res)
+        _note_resolution(progress, vrt_grid, result["resolution_cm"])
     progress.log(f"ONNX model written to {target}")
     return result
+
+
+def _set_metadata(proto: Any, props: dict[str, str]) -> None:
+    """Replace the ONNX model's ``metadata_props`` with ``props`` and name the producer."""
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name, proto.producer_version = "kdmsi", __version__
+    proto.doc_string = "KD-MSI change detector: " + json.loads(props["kdmsi_input"])
+
+
+def _note_resolution(progress: Progress, grid: Any, model_cm: float | None) -> None:
+    """Say so when the VRT's pixels are not the size the detector was trained on."""
+    from rasterio.errors import CRSError
+
+    try:
+        _unit, metres = grid.crs.linear_units_factor
+    except CRSError:  # no linear unit: nothing to compare
+        return
+    vrt_cm = grid.res[0] * float(metres) * 100.0
+    if model_cm and not math.isclose(vrt_cm, model_cm, rel_tol=0.01):
+        progress.log(
+            f"the VRT's pixels are {vrt_cm:g} cm, the detector was trained on {model_cm:g} cm; "
+            "Deepness resamples the VRT to the model's resolution"
+        )
 
 
 def _write_verified(
