@@ -127,6 +127,13 @@ MIN_AREA = 0.0
 SIMPLIFY = 0.0
 FILL_HOLES = 0.0
 
+# ----------------------------------------------------------------------------- ONNX export
+#: ONNX opset of ``kdmsi export`` (torch's exporter writes 18 or later; onnxruntime reads 18
+#: since 1.14).
+EXPORT_OPSET = 18
+#: Overlap of Deepness's tiles (per cent of the tile), as ``kdmsi detect``'s quarter window.
+EXPORT_TILES_OVERLAP = 25
+
 # ----------------------------------------------------------------------------- quick preview
 CVA_THRESHOLD = "otsu"
 
