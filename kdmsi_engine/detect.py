@@ -33,6 +33,7 @@ from kdmsi_engine import defaults
 from kdmsi_engine.atomic import check_output, check_output_dir, write_text_atomic
 from kdmsi_engine.device import autocast, describe_device, resolve_device
 from kdmsi_engine.errors import InputError, ModelFileError, RasterError
+from kdmsi_engine.inference.maps import parse_scales as _parse_scales
 from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,8 @@ OUTPUT_NAMES = {
 
 
 def parse_scales(value: str | Sequence[float] | None) -> tuple[float, ...]:
-    """``"1"`` / ``"0.75,1,1.25"`` / a sequence -> positive scales (default ``(1.0,)``)."""
-    if value is None or value == "":
-        return (1.0,)
-    from kdmsi_engine.inference.scene import parse_scales as _parse
-
-    return _parse(value)
+    """Detection scales (default ``(1.0,)``: no test-time scaling)."""
+    return _parse_scales(value, default=(1.0,))
 
 
 def make_detector_predictor(

@@ -199,7 +199,7 @@ def _pseudo_source(folder: Path, config: RunConfig, progress: Progress) -> Path:
         return msi_path
     if config.pseudo_source == "evidence":
         return evidence_path
-    combined = folder / "pseudo_score.tif"
+    combined = folder / defaults.PSEUDO_SCORE_NAME
     combine_maps(msi_path, evidence_path, combined, overwrite=True, progress=progress)
     return combined
 

@@ -236,7 +236,7 @@ def scenes_from_manifest(
     for spec in specs:
         candidates: list[Path] = [spec.pseudo] if spec.pseudo is not None else []
         if folder is not None:
-            candidates += [folder / f"{spec.name}.tif", folder / spec.name / "pseudo_labels.tif"]
+            candidates += [folder / f"{spec.name}.tif", folder / spec.name / defaults.PSEUDO_NAME]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             if spec.pseudo is not None:
