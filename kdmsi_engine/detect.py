@@ -34,6 +34,7 @@ from kdmsi_engine.atomic import check_output, check_output_dir, write_text_atomi
 from kdmsi_engine.device import autocast, describe_device, resolve_device
 from kdmsi_engine.errors import InputError, ModelFileError, RasterError
 from kdmsi_engine.inference.maps import parse_scales as _parse_scales
+from kdmsi_engine.inference.maps import prepare_for_inference
 from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def detect_scene(
                 f"detector {Path(model).name} was trained on {count} band(s), the scene gives "
                 f"{scene.num_bands}; use a detector trained on these rasters' bands"
             )
-        net = net.to(torch_device).eval().to(memory_format=torch.channels_last)
+        net = prepare_for_inference(net, torch_device)
         progress.log(f"device: {describe_device(torch_device)}", device=str(torch_device))
         predictor = make_detector_predictor(net, scale_values, flip)
         predict_scene(

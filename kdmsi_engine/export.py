@@ -103,6 +103,9 @@ class StackedDetector(nn.Module):
         self.register_buffer("low", torch.cat([low, low]).view(1, -1, 1, 1))
         self.register_buffer("factor", torch.cat([factor, factor]).view(1, -1, 1, 1))
 
+    low: Tensor
+    factor: Tensor
+
     def forward(self, stacked: Tensor) -> Tensor:
         scaled = ((stacked - self.low) * self.factor).clamp(0.0, 1.0)
         scaled = torch.where(torch.isnan(scaled), torch.zeros_like(scaled), scaled)
@@ -291,8 +294,9 @@ def stack_vrt_xml(
             ElementTree.SubElement(source, "SourceFilename", relativeToVRT=relative).text = name
             ElementTree.SubElement(source, "SourceBand").text = str(band)
             size = {"xSize": str(grid.width), "ySize": str(grid.height)}
-            ElementTree.SubElement(source, "SrcRect", xOff=str(col), yOff=str(row), **size)
-            ElementTree.SubElement(source, "DstRect", xOff="0", yOff="0", **size)
+            src_rect = {"xOff": str(col), "yOff": str(row), **size}
+            ElementTree.SubElement(source, "SrcRect", src_rect)
+            ElementTree.SubElement(source, "DstRect", {"xOff": "0", "yOff": "0", **size})
     ElementTree.indent(root)
     return ElementTree.tostring(root, encoding="unicode") + "\n", grid
 
@@ -427,9 +431,12 @@ def _onnx_model(wrapper: StackedDetector, tile: int, opset: int) -> Any:
     except Exception as exc:  # the exporter's failures are many types; the user gets one line
         raise ModelFileError(
             f"torch could not export the detector to ONNX opset {opset} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); try another --opset or "
-            "report it"
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); try another opset or "
+            "report it",
+            parameters=("opset",),
         ) from exc
+    if program is None:  # torch returns None only when it wrote to a file, which we never ask
+        raise ModelFileError("torch's ONNX exporter returned no program; report it")
     return program.model_proto
 
 
@@ -476,7 +483,8 @@ def verify_export(path: Path, wrapper: StackedDetector, probe: np.ndarray) -> fl
     if not difference <= VERIFY_TOLERANCE:
         raise ModelFileError(
             f"the ONNX model differs from torch by {difference:.3g} in probability (more than "
-            f"{VERIFY_TOLERANCE:g}) on a probe tile; nothing was written; try another --opset"
+            f"{VERIFY_TOLERANCE:g}) on a probe tile; nothing was written; try another opset",
+            parameters=("opset",),
         )
     return difference
 
@@ -491,7 +499,8 @@ def _scene_scaling(
         raise InputError(
             f"{model.name} was trained on several scenes, so it has no band scaling of its own "
             "(detection scales each scene by its own statistics); give the scene to export for "
-            "with --vrt BEFORE AFTER STACK.vrt"
+            "(its before and after rasters and a VRT to stack them in)",
+            parameters=("vrt",),
         )
     from kdmsi_engine.data.scene import ScenePair
 
@@ -548,7 +557,7 @@ def export_detector(
     bands = [int(b) for b in metadata.get("bands") or []]
     tile = export_tile_size(metadata, tile_size)
     vrt_text = None
-    if vrt is not None:
+    if vrt is not None and vrt_target is not None:
         vrt_text, vrt_grid = stack_vrt_xml(vrt[0], vrt[1], vrt_target, bands)
     scaling, scaling_source = _scene_scaling(detector_scaling(metadata, source), vrt, bands, source)
     if scaling.num_bands != len(bands):

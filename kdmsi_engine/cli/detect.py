@@ -11,7 +11,7 @@ from kdmsi_engine.progress import Progress
 NAME = "detect"
 
 
-def add_polygon_options(parser: argparse.ArgumentParser) -> None:
+def add_polygon_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Options of the change polygons (shared by detect, run and batch)."""
     parser.add_argument(
         "--min-area",

@@ -160,14 +160,9 @@ def tiles_frame(
     return gpd.GeoDataFrame(data, geometry=geometries, crs=crs)
 
 
-def tile_window(row: object) -> Window:
+def tile_window(row: Any) -> Window:
     """The pixel window of one tile record (a row of a tile GeoDataFrame)."""
-    return Window(
-        int(row["col_off"]),
-        int(row["row_off"]),
-        int(row["width"]),
-        int(row["height"]),  # type: ignore[index]
-    )
+    return Window(int(row["col_off"]), int(row["row_off"]), int(row["width"]), int(row["height"]))
 
 
 def write_tile_grid(

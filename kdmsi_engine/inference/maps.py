@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ from kdmsi_engine.device import autocast
 from kdmsi_engine.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 METHODS = ("msi", "mi", "student", "cam")
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
@@ -210,6 +213,7 @@ def change_map(
     return msi_map(student, before, after, scales, amp=amp)
 
 
-def prepare_for_inference(net: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+def prepare_for_inference(net: NetT, device: torch.device | str = "cpu") -> NetT:
     """Move ``net`` to ``device``, eval mode, channels-last weights (faster on CPU and GPU)."""
-    return net.to(device).eval().to(memory_format=torch.channels_last)
+    # torch's stubs lack Module.to(memory_format=...), which torch documents and supports
+    return net.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]

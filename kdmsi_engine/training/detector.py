@@ -54,6 +54,7 @@ from kdmsi_engine.errors import InputError, LabelError, ManifestError, RasterErr
 from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.deeplab import (
     DETECTOR_KIND,
+    SiameseDeepLabV3Plus,
     architecture_dict,
     build_detector,
 )
@@ -608,7 +609,7 @@ class DetectorTask:
 
 
 def _fit(
-    model: torch.nn.Module,
+    model: SiameseDeepLabV3Plus,
     data: _TileSet,
     config: DetectorConfig,
     metadata: dict[str, Any],
@@ -619,7 +620,7 @@ def _fit(
 ) -> dict[str, Any]:
     model.to(device)
     if device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     groups = param_groups(
         model.backbone_parameters(),
         model.head_parameters(),
@@ -652,7 +653,7 @@ def _fit(
         progress=progress,
         message=f"{len(data)} tiles, {config.epochs} epochs, batch {config.batch_size}",
     )
-    model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+    model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     final = fitted.final_loss
     return {"model": model, "final_loss": None if final is None else round(final, 5)}

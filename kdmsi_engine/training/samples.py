@@ -304,6 +304,7 @@ def manifest_training_set(
     band_sets: list[tuple[int, ...]] = []
     scalings: dict[str, dict[str, Any]] = {}
     for spec in specs:
+        assert spec.labels is not None  # scenes without labels were left out above
         source, new, skipped, scene_bands, scaling = _one_scene(
             spec.before,
             spec.after,
