@@ -65,6 +65,11 @@ WEIGHTS_DEFAULT = "imagenet"
 #: ``None``: every data band when both rasters have the same count (else the first three).
 BANDS: str | None = None
 LABEL_FIELD = "change"
+#: A tile takes part (grid, labels, training) when at least this share of its pixels is valid
+#: in both dates.
+MIN_VALID_FRACTION = 0.5
+#: Overlap of the labelling grid's tiles, in pixels.
+GRID_OVERLAP = 0
 SEED = 0
 DEVICE = "auto"
 #: SGD and its schedule, both stages (the paper's): momentum, weight decay (not on biases and

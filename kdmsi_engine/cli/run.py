@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from kdmsi_engine import defaults
-from kdmsi_engine.cli.detect import add_polygon_options
+from kdmsi_engine.cli.options import add_polygon_options
 from kdmsi_engine.progress import Progress
 
 NAME = "run"

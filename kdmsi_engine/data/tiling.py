@@ -21,6 +21,7 @@ import numpy as np
 from rasterio.windows import Window
 from shapely.geometry import Polygon
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.data.grid import Grid
 from kdmsi_engine.errors import GridError, InputError, OutputError
@@ -91,9 +92,9 @@ def check_scene_fits(grid: Grid, tile_size: int) -> None:
 
 def make_tile_grid(
     scene: ScenePair,
-    tile_size: int = 256,
-    overlap: int = 0,
-    min_valid_fraction: float = 0.5,
+    tile_size: int = defaults.TILE_SIZE,
+    overlap: int = defaults.GRID_OVERLAP,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     progress: Progress | None = None,
     *,
     mask_side: int | None = MASK_SIDE,

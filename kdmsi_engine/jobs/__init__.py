@@ -8,3 +8,5 @@ run: ``grid`` and ``labels`` in :mod:`kdmsi_engine.data`, ``train`` in
 ``infer`` in :mod:`kdmsi_engine.inference.scene`, ``cva``, ``pseudo``, ``detect``,
 ``vectorize`` and ``evaluate`` (:mod:`kdmsi_engine.metrics`) in their own modules.
 """
+
+from __future__ import annotations

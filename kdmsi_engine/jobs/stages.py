@@ -50,56 +50,6 @@ def timed(timings: dict[str, float], name: str, func: Callable[[], Any]) -> Any:
         timings[name] = round(time.monotonic() - started, 2)
 
 
-def detect_in_chain(
-    work: SceneWork,
-    detector: Path,
-    config: RunConfig,
-    tiles: Any,
-    held_out: Any,
-    *,
-    device: str,
-    overwrite: bool,
-    progress: Progress,
-    threshold: float | str | None = None,
-) -> dict[str, Any]:
-    """The chain's detection of one scene: its tile labels set the threshold and keep-out.
-
-    The threshold ``unchanged-q`` is taken on the unchanged tiles the detector did not train on
-    (``held_out``) when there are any; they also calibrate the fusion of the detector's map
-    with the calibrated change vector analysis (:mod:`kdmsi_engine.fusion`).
-    """
-    calibration = tiles
-    if tiles is not None and held_out is not None and held_out.any():
-        calibration = tiles.only(held_out)
-    evidence = work.folder / EVIDENCE_NAME
-    return detect_scene(
-        work.spec.before,
-        work.spec.after,
-        detector,
-        work.folder,
-        tile_size=config.detect_tile_size,
-        batch_size=config.batch_size,
-        threshold=config.threshold if threshold is None else threshold,
-        scales=config.detect_scales,
-        flip=config.flip,
-        min_area=config.min_area,
-        simplify=config.simplify,
-        fill_holes=config.fill_holes,
-        scene_name=work.spec.name,
-        device=device,
-        overwrite=overwrite,
-        write_record=False,
-        unchanged_tiles=tiles,
-        calibration_tiles=calibration,
-        keep_unchanged_out=config.keep_unchanged_out,
-        unchanged_quantile=config.detect_quantile,
-        fuse_with=evidence if config.fuse_evidence and tiles is not None else None,
-        fuse_weight=config.fusion_detector_weight,
-        gate_rate=config.evidence_gate,
-        progress=progress,
-    )
-
-
 def detect_summary(detection: dict[str, Any]) -> dict[str, Any]:
     return {
         "parameters": detection["parameters"],
@@ -382,17 +332,46 @@ def finish_scene(
     threshold: float | str | None = None,
     teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Detect one scene with the chain's detector; its record core (grid, detection, trust).
+    """Detect one scene with the chain's detector; its detection record and trust report.
 
     The scene's tile labels (``tiles``, or ``None`` for a scene without labels) set its
-    threshold and keep-out; with labels, the trust report compares the map with them.
+    threshold and keep-out. The threshold ``unchanged-q`` is taken on the unchanged tiles the
+    detector did not train on (``held_out``) when there are any; they also calibrate the fusion
+    of the detector's map with the calibrated change vector analysis
+    (:mod:`kdmsi_engine.fusion`). With labels, the trust report compares the map with them.
     """
     from kdmsi_engine.trust import trust_report
 
-    detection = detect_in_chain(
-        work, detector, config, tiles, held_out,
-        device=device, overwrite=overwrite, progress=progress, threshold=threshold,
-    )  # fmt: skip
+    calibration = tiles
+    if tiles is not None and held_out is not None and held_out.any():
+        calibration = tiles.only(held_out)
+    evidence = work.folder / EVIDENCE_NAME
+    detection = detect_scene(
+        work.spec.before,
+        work.spec.after,
+        detector,
+        work.folder,
+        tile_size=config.detect_tile_size,
+        batch_size=config.batch_size,
+        threshold=config.threshold if threshold is None else threshold,
+        scales=config.detect_scales,
+        flip=config.flip,
+        min_area=config.min_area,
+        simplify=config.simplify,
+        fill_holes=config.fill_holes,
+        scene_name=work.spec.name,
+        device=device,
+        overwrite=overwrite,
+        write_record=False,
+        unchanged_tiles=tiles,
+        calibration_tiles=calibration,
+        keep_unchanged_out=config.keep_unchanged_out,
+        unchanged_quantile=config.detect_quantile,
+        fuse_with=evidence if config.fuse_evidence and tiles is not None else None,
+        fuse_weight=config.fusion_detector_weight,
+        gate_rate=config.evidence_gate,
+        progress=progress,
+    )
     trust = None
     if tiles is not None:
         trust = trust_report(

@@ -19,6 +19,7 @@ import pytest
 import rasterio
 import torch
 from rasterio.windows import Window
+from reliability_helpers import make_detector_model, make_kdmsi_model, scene_scaling
 
 from kdmsi_engine.cli import main
 from kdmsi_engine.data.scaling import BandScaling
@@ -28,9 +29,6 @@ from kdmsi_engine.export import export_detector, write_stack_vrt
 from kdmsi_engine.modelfile import load_model, save_model
 from kdmsi_engine.models.deeplab import change_probability, load_detector
 from kdmsi_engine.training.detector import train_detector
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reliability_helpers import make_detector_model, make_kdmsi_model, scene_scaling  # noqa: E402
 
 #: Largest |probability| difference accepted between onnxruntime and torch (float32, no
 #: autocast) on a real tile; measured about 1e-7 (README).
@@ -99,6 +97,7 @@ def _torch_probabilities(net, before: np.ndarray, after: np.ndarray) -> np.ndarr
     return np.stack([1.0 - change, change])
 
 
+@pytest.mark.slow
 def test_onnx_in_deepness_matches_torch_on_a_real_tile(taizhou, detector, exported) -> None:
     session = _session(exported["onnx"])
     metadata = _metadata(session)
@@ -158,6 +157,7 @@ def test_the_vrt_stacks_before_then_after_on_the_scene_grid(taizhou, exported) -
             assert np.array_equal(stack.read(range(7, 13), window=WINDOW), a.read(window=WINDOW))
 
 
+@pytest.mark.slow
 def test_percentile_scaling_is_clipped_in_the_graph(shared_data, tmp_path) -> None:
     """uint16 Sentinel-2: the 2-98 % scaling clips values; the graph must clip them too."""
     before = shared_data / "oscd" / "A" / "aguasclaras.tif"
@@ -188,6 +188,7 @@ def test_percentile_scaling_is_clipped_in_the_graph(shared_data, tmp_path) -> No
     assert difference <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_multi_scene_detector_takes_the_scaling_of_the_given_pair(
     taizhou, detector, tmp_path
 ) -> None:

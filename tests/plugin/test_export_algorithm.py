@@ -72,6 +72,7 @@ def test_half_a_vrt_request_is_refused(plugin, taizhou, tmp_path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_export_runs_in_qgis_and_the_vrt_loads(plugin, taizhou, tmp_path) -> None:
     """Train a tiny detector with the plugin, export it with the VRT, read both back."""
     import onnx

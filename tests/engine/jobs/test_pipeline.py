@@ -31,6 +31,7 @@ def run(tmp_path_factory):
     return scene, out, record
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_file_on_the_scene_grid(run):
     scene, out, _ = run
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
