@@ -47,6 +47,7 @@ lint: setup
 	$(VENV)/bin/ruff check kdmsi_engine kdmsi_qgis benchmarks scripts tests
 	$(VENV)/bin/ruff format --check kdmsi_engine kdmsi_qgis benchmarks scripts tests
 	$(VENV)/bin/bandit -q -r kdmsi_qgis kdmsi_engine benchmarks scripts --severity-level medium
+	$(VENV)/bin/mypy
 
 test: setup lint
 	$(PY) -m pytest -q tests

@@ -301,7 +301,7 @@ def evaluate_scene(
     }
     command = run_command(scene, labels_path, run_dir, extra, tile_size)
     record["command"] = " ".join(command[2:])
-    done = run_dir / "run.json"
+    done = run_dir / defaults.RECORD_NAME
     if not (reuse and done.is_file()):
         env = dict(os.environ)
         # the engine to measure: ``python -m`` puts its working folder first on the path
@@ -333,10 +333,10 @@ def evaluate_scene(
     baseline = cva_scene(scene.before, scene.after, cva_path, overwrite=True)
     cva, _ = read_band(cva_path)
     base = (cva > baseline["threshold"]) & (cva >= 0)
-    change, _ = read_band(run_dir / "change.tif")
-    prob, _ = read_band(run_dir / "change_probability.tif")
-    pseudo, _ = read_band(run_dir / "pseudo_labels.tif")
-    msi, _ = read_band(run_dir / "msi_probability.tif")
+    change, _ = read_band(run_dir / defaults.CHANGE_NAME)
+    prob, _ = read_band(run_dir / defaults.PROBABILITY_NAME)
+    pseudo, _ = read_band(run_dir / defaults.PSEUDO_NAME)
+    msi, _ = read_band(run_dir / defaults.MSI_NAME)
     threshold = float(record["chain_threshold"])
     # the chain's calibration tiles: the same seeded share of the unchanged tiles
     held_out = tiles.held_out_split(defaults.CALIBRATION_FRACTION, defaults.SEED)

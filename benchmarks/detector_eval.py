@@ -40,6 +40,7 @@ import numpy as np
 import rasterio
 import torch
 
+from kdmsi_engine import defaults
 from kdmsi_engine.progress import BarReporter, Progress
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         names=[p.name for p in train],
         progress=progress,
     )
-    student_path = out / "student.kdmsi"
+    student_path = out / defaults.STUDENT_NAME
     if args.reuse_student and student_path.is_file():
         kd = {"tiles": len(tset.tiles), "reused": str(student_path)}
     else:
@@ -183,7 +184,7 @@ def _after_kd(
         train_detector_scenes,
     )
 
-    student_path = out / "student.kdmsi"
+    student_path = out / defaults.STUDENT_NAME
     # Maps and pseudo labels on the train pairs.
     mark = time.monotonic()
     teacher, student, _ = load_kdmsi_model(student_path)

@@ -22,6 +22,8 @@ Why these values (measured with ``make accuracy`` on 2 CPU cores, see the README
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # ----------------------------------------------------------------------------- names
 #: Backbones of both stages (``auto``: the paper's resnet50 where its ImageNet weights are
 #: available locally and a GPU runs the job, else efficientnet-lite0).
@@ -48,6 +50,8 @@ STUDENT_NAME = "student.kdmsi"
 MSI_NAME = "msi_probability.tif"
 EVIDENCE_NAME = "change_evidence.tif"
 PSEUDO_NAME = "pseudo_labels.tif"
+#: The map pseudo labels threshold when their source is "both" (MSI and evidence combined).
+PSEUDO_SCORE_NAME = "pseudo_score.tif"
 DETECTOR_NAME = "detector.kdmsi"
 PROBABILITY_NAME = "change_probability.tif"
 DETECTOR_PROBABILITY_NAME = "detector_probability.tif"
@@ -61,6 +65,11 @@ WEIGHTS_DEFAULT = "imagenet"
 #: ``None``: every data band when both rasters have the same count (else the first three).
 BANDS: str | None = None
 LABEL_FIELD = "change"
+#: A tile takes part (grid, labels, training) when at least this share of its pixels is valid
+#: in both dates.
+MIN_VALID_FRACTION = 0.5
+#: Overlap of the labelling grid's tiles, in pixels.
+GRID_OVERLAP = 0
 SEED = 0
 DEVICE = "auto"
 #: SGD and its schedule, both stages (the paper's): momentum, weight decay (not on biases and
@@ -127,6 +136,13 @@ MIN_AREA = 0.0
 SIMPLIFY = 0.0
 FILL_HOLES = 0.0
 
+# ----------------------------------------------------------------------------- ONNX export
+#: ONNX opset of ``kdmsi export`` (torch's exporter writes 18 or later; onnxruntime reads 18
+#: since 1.14).
+EXPORT_OPSET = 18
+#: Overlap of Deepness's tiles (per cent of the tile), as ``kdmsi detect``'s quarter window.
+EXPORT_TILES_OVERLAP = 25
+
 # ----------------------------------------------------------------------------- quick preview
 CVA_THRESHOLD = "otsu"
 
@@ -148,9 +164,25 @@ TRUST_MIN_TEACHER_AUC = 0.7
 TRUST_MIN_CHANGED_FOUND = 0.5
 
 
-def parse_scales_text(text: str) -> tuple[float, ...]:
-    """``"0.5,1,1.5,2"`` -> ``(0.5, 1.0, 1.5, 2.0)``; :class:`ValueError` on bad input."""
-    values = tuple(float(v) for v in str(text).split(",") if v.strip())
+def parse_scales(
+    value: str | Sequence[float] | None, default: tuple[float, ...] = MSI_SCALES
+) -> tuple[float, ...]:
+    """Inference scales: ``"0.5,1,1.5,2"`` or a sequence -> ``(0.5, 1.0, 1.5, 2.0)``.
+
+    ``None`` or ``""`` gives ``default``. Every scale is a number in (0, 8]. The one rule for
+    the engine (which turns the :class:`ValueError` into its own error), the command line and
+    the plugin.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return tuple(default)
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        values = tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        values = ()
     if not values or any(not 0.0 < v <= 8.0 for v in values):
-        raise ValueError(f"scales {text!r} must be numbers in (0, 8], e.g. {MSI_SCALES_TEXT}")
+        raise ValueError(
+            f"scales {value!r} must be numbers in (0, 8] separated by commas, e.g. "
+            f"{MSI_SCALES_TEXT}"
+        )
     return values

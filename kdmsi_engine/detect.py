@@ -33,6 +33,8 @@ from kdmsi_engine import defaults
 from kdmsi_engine.atomic import check_output, check_output_dir, write_text_atomic
 from kdmsi_engine.device import autocast, describe_device, resolve_device
 from kdmsi_engine.errors import InputError, ModelFileError, RasterError
+from kdmsi_engine.inference.maps import parse_scales as _parse_scales
+from kdmsi_engine.inference.maps import prepare_for_inference
 from kdmsi_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -52,12 +54,8 @@ OUTPUT_NAMES = {
 
 
 def parse_scales(value: str | Sequence[float] | None) -> tuple[float, ...]:
-    """``"1"`` / ``"0.75,1,1.25"`` / a sequence -> positive scales (default ``(1.0,)``)."""
-    if value is None or value == "":
-        return (1.0,)
-    from kdmsi_engine.inference.scene import parse_scales as _parse
-
-    return _parse(value)
+    """Detection scales (default ``(1.0,)``: no test-time scaling)."""
+    return _parse_scales(value, default=(1.0,))
 
 
 def make_detector_predictor(
@@ -206,7 +204,7 @@ def detect_scene(
         scene_name: value of the polygons' ``scene`` attribute (default: before file's stem).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace existing outputs.
-        write_record: write ``run.json`` (the pipeline writes its own).
+        write_record: write ``run.json`` (``run`` and ``batch`` write their own).
         unchanged_tiles: optional :class:`~kdmsi_engine.pseudo.TileLabels` on the scene grid:
             they allow the threshold ``unchanged-q`` (the ``unchanged_quantile`` of the
             probabilities on the tiles labelled unchanged) and, with ``keep_unchanged_out``,
@@ -274,7 +272,7 @@ def detect_scene(
                 f"detector {Path(model).name} was trained on {count} band(s), the scene gives "
                 f"{scene.num_bands}; use a detector trained on these rasters' bands"
             )
-        net = net.to(torch_device).eval().to(memory_format=torch.channels_last)
+        net = prepare_for_inference(net, torch_device)
         progress.log(f"device: {describe_device(torch_device)}", device=str(torch_device))
         predictor = make_detector_predictor(net, scale_values, flip)
         predict_scene(

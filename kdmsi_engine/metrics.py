@@ -286,7 +286,7 @@ def evaluate_rasters(
     if sweep is True:
         thresholds = list(SWEEP_THRESHOLDS)
     elif sweep:
-        thresholds = sorted(check_threshold(t) for t in sweep)  # type: ignore[union-attr]
+        thresholds = sorted(check_threshold(t) for t in sweep)
     if threshold is not None:
         threshold = check_threshold(threshold)
     with (

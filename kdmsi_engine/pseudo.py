@@ -365,8 +365,8 @@ def make_pseudo_labels(
                     prob = src.read(1, window=window)
                     valid = valid_values(prob, nodata)
                     state = tiles.state(int(window.row_off), prob.shape[0], prob.shape[1])
-                    for value, hist in ((1, hist_c), (0, hist_u)):
-                        sel = valid & (state == value)
+                    for label, hist in ((1, hist_c), (0, hist_u)):
+                        sel = valid & (state == label)
                         hist += np.histogram(np.clip(prob[sel], 0, 1), bins=edges)[0]
                     progress.advance()
                 value, info = choose_threshold(mode, hist_c, hist_u, edges, quantile)

@@ -52,10 +52,14 @@ CLASS_COLORMAP: dict[int, tuple[int, int, int, int]] = {
 class GridLike(Protocol):
     """What the helpers need of a grid (``kdmsi_engine.data.scene.Grid`` fits)."""
 
-    crs: Any
-    transform: Any
-    width: int
-    height: int
+    @property
+    def crs(self) -> Any: ...
+    @property
+    def transform(self) -> Any: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
 
 
 def _block_size(grid: GridLike, block: int = BLOCK_SIZE) -> int:

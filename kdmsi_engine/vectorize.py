@@ -364,8 +364,8 @@ class _State:
         n = len(polygons)
         flat = labels[mask]
         counts = np.bincount(flat, minlength=n + 1)
-        prob_sum = np.zeros(n + 1)
-        prob_count = np.zeros(n + 1, dtype=np.int64)
+        prob_sum: np.ndarray = np.zeros(n + 1)
+        prob_count: np.ndarray = np.zeros(n + 1, dtype=np.int64)
         prob_max = np.full(n + 1, -np.inf)
         if prob_ds is not None:
             prob = prob_ds.read(1, window=window, masked=True)

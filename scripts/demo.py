@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from kdmsi_engine import defaults
 from scripts.make_sample import (
     AFTER_NAME,
     BEFORE_NAME,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         print(f"demo failed (exit status {status})", file=sys.stderr)
         return status
-    record = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    record = json.loads((out_dir / defaults.RECORD_NAME).read_text(encoding="utf-8"))
     change = record.get("metrics", {}).get("change", {})
     title = (
         f"KD-MSI demo, Taizhou (Landsat 7, 2000 -> 2003): change IoU {change.get('iou', 0):.3f}, "
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     quicklook = make_quicklook(
         SAMPLE_DIR / BEFORE_NAME,
         SAMPLE_DIR / AFTER_NAME,
-        out_dir / "change.tif",
+        out_dir / defaults.CHANGE_NAME,
         out_dir / QUICKLOOK_NAME,
         bands=DISPLAY_BANDS,
         truth=SAMPLE_DIR / TRUTH_NAME,

@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "run",
     "batch",
     "convert_model",
+    "export",
     "env",
 )
 

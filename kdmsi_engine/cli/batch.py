@@ -32,7 +32,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
-    from kdmsi_engine.pipeline import batch_scenes
+    from kdmsi_engine.jobs.batch import batch_scenes
 
     record = batch_scenes(
         args.manifest,

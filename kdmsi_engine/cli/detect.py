@@ -6,34 +6,10 @@ import argparse
 from typing import Any
 
 from kdmsi_engine import defaults as d
+from kdmsi_engine.cli.options import add_polygon_options
 from kdmsi_engine.progress import Progress
 
 NAME = "detect"
-
-
-def add_polygon_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the change polygons (shared by detect, run and batch)."""
-    parser.add_argument(
-        "--min-area",
-        type=float,
-        default=d.MIN_AREA,
-        metavar="M2",
-        help="drop polygons under M2 m²",
-    )
-    parser.add_argument(
-        "--simplify",
-        type=float,
-        default=d.SIMPLIFY,
-        metavar="M",
-        help="simplify polygons (CRS units)",
-    )
-    parser.add_argument(
-        "--fill-holes",
-        type=float,
-        default=d.FILL_HOLES,
-        metavar="M2",
-        help="fill holes under M2 m²",
-    )
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -57,7 +33,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--tile-size", type=int, help="window size (default: the model's tile size, >= 128)"
     )
     parser.add_argument("--overlap", type=int, help="window overlap (default: a quarter)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per pass (4)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.INFER_BATCH_SIZE,
+        help=f"windows per pass ({d.INFER_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--threshold",
         default=str(d.DETECT_THRESHOLD),

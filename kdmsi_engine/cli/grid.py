@@ -16,15 +16,20 @@ def add_scene_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile-size", type=int, default=d.TILE_SIZE, help=f"tile size in pixels ({d.TILE_SIZE})"
     )
-    parser.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (0)")
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=d.GRID_OVERLAP,
+        help=f"tile overlap in pixels ({d.GRID_OVERLAP})",
+    )
     parser.add_argument(
         "--bands", default=None, help="bands to use, e.g. 1,2,3 (default: every band)"
     )
     parser.add_argument(
         "--min-valid",
         type=float,
-        default=0.5,
-        help="skip tiles with a smaller fraction of valid pixels (0.5)",
+        default=d.MIN_VALID_FRACTION,
+        help=f"skip tiles with a smaller fraction of valid pixels ({d.MIN_VALID_FRACTION})",
     )
     parser.add_argument(
         "--target-crs",

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from kdmsi_engine import defaults
-from kdmsi_engine.cli.detect import add_polygon_options
+from kdmsi_engine.cli.options import add_polygon_options
 from kdmsi_engine.progress import Progress
 
 NAME = "run"
@@ -178,9 +178,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """A :class:`~kdmsi_engine.pipeline.RunConfig` from parsed options."""
+    """A :class:`~kdmsi_engine.jobs.config.RunConfig` from parsed options."""
     from kdmsi_engine.detect import parse_scales
-    from kdmsi_engine.pipeline import RunConfig
+    from kdmsi_engine.jobs.config import RunConfig
 
     backbone = args.backbone or defaults.BACKBONE
     weights = args.weights or defaults.WEIGHTS_DEFAULT
@@ -253,7 +253,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
-    from kdmsi_engine.pipeline import run_scene
+    from kdmsi_engine.jobs.run import run_scene
 
     record = run_scene(
         args.before,

@@ -74,7 +74,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--tile-size", type=int, default=d.TILE_SIZE, help=f"tile size in pixels ({d.TILE_SIZE})"
     )
     parser.add_argument(
-        "--min-valid", type=float, default=0.5, help="minimum valid fraction of a tile (0.5)"
+        "--min-valid",
+        type=float,
+        default=d.MIN_VALID_FRACTION,
+        help=f"minimum valid fraction of a tile ({d.MIN_VALID_FRACTION})",
     )
     parser.add_argument("--bands", default=None, help="bands, e.g. 1,2,3 (default: every band)")
     parser.add_argument("--seed", type=int, default=d.SEED, help="random seed (0)")

@@ -67,8 +67,18 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lr", type=float, default=d.DETECTOR_LR, help=f"base learning rate ({d.DETECTOR_LR})"
     )
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=d.MOMENTUM,
+        help=f"SGD momentum ({d.MOMENTUM})",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.WEIGHT_DECAY,
+        help=f"weight decay ({d.WEIGHT_DECAY:g})",
+    )
     parser.add_argument(
         "--tile-size", type=int, default=d.TILE_SIZE, help=f"training tile size ({d.TILE_SIZE})"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine.cli.options import add_polygon_options
 from kdmsi_engine.progress import Progress
 
 NAME = "vectorize"
@@ -31,23 +32,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         metavar="PROB.tif",
         help="change probability raster on the same grid (for mean_prob and max_prob)",
     )
-    parser.add_argument(
-        "--min-area", type=float, default=0.0, metavar="M2", help="drop polygons under M2 m²"
-    )
-    parser.add_argument(
-        "--simplify",
-        type=float,
-        default=0.0,
-        metavar="M",
-        help="simplification tolerance in CRS units, topology preserved (default 0: none)",
-    )
-    parser.add_argument(
-        "--fill-holes",
-        type=float,
-        default=0.0,
-        metavar="M2",
-        help="fill holes smaller than M2 m² (default 0: none)",
-    )
+    add_polygon_options(parser)
     parser.add_argument(
         "--dst-crs", metavar="CRS", help="reproject polygons to this CRS, e.g. EPSG:4326"
     )

@@ -23,6 +23,7 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from kdmsi_engine import defaults
 from kdmsi_engine.data.grid import Grid
 from kdmsi_engine.data.raster import open_raster
 from kdmsi_engine.data.scaling import BandScaling
@@ -186,9 +187,9 @@ def mask_tile_labels(
 def dataset_tiles(
     root: str | os.PathLike[str],
     *,
-    tile_size: int = 256,
-    overlap: int = 0,
-    min_valid_fraction: float = 0.5,
+    tile_size: int = defaults.TILE_SIZE,
+    overlap: int = defaults.GRID_OVERLAP,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     bands: object = None,
     progress: Progress | None = None,
 ) -> gpd.GeoDataFrame:

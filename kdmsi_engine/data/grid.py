@@ -129,7 +129,7 @@ def parse_resolution(value: object) -> tuple[float, float] | None:
         res = (float(value), float(value))
     else:
         try:
-            items = [float(v) for v in value]  # type: ignore[union-attr]
+            items = [float(v) for v in value]  # type: ignore[attr-defined]
         except (TypeError, ValueError) as exc:
             raise InputError(f"resolution {value!r} is not a number; give e.g. 10") from exc
         if len(items) == 1:

@@ -11,9 +11,10 @@ from typing import Any, Union
 import geopandas as gpd
 import pandas as pd
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.data.folder import dataset_tiles
-from kdmsi_engine.data.labels import DEFAULT_FIELD, label_counts, labelled_tiles
+from kdmsi_engine.data.labels import label_counts, labelled_tiles
 from kdmsi_engine.data.scene import ScenePair
 from kdmsi_engine.data.tiling import (
     check_tile_params,
@@ -36,10 +37,10 @@ def write_labelling_grid(
     after: PathLike,
     out: PathLike,
     *,
-    tile_size: int = 256,
-    overlap: int = 0,
+    tile_size: int = defaults.TILE_SIZE,
+    overlap: int = defaults.GRID_OVERLAP,
     bands: object = None,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     target_crs: object = None,
     resolution: object = None,
     overwrite: bool = False,
@@ -80,12 +81,12 @@ def write_tile_labels(
     after: PathLike | None = None,
     labels: PathLike | gpd.GeoDataFrame | None = None,
     dataset: PathLike | None = None,
-    label_field: str = DEFAULT_FIELD,
+    label_field: str = defaults.LABEL_FIELD,
     unmarked_unchanged: bool = False,
-    tile_size: int = 256,
-    overlap: int = 0,
+    tile_size: int = defaults.TILE_SIZE,
+    overlap: int = defaults.GRID_OVERLAP,
     bands: object = None,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     target_crs: object = None,
     resolution: object = None,
     overwrite: bool = False,

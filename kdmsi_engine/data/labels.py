@@ -22,6 +22,7 @@ import rasterio.features
 from rasterio.windows import Window
 from shapely.geometry import box, shape
 
+from kdmsi_engine import defaults
 from kdmsi_engine.data.tiling import make_tile_grid
 from kdmsi_engine.errors import LabelError
 from kdmsi_engine.progress import Progress
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 CHANGED = 1
 UNCHANGED = 0
 UNLABELLED = -1
-DEFAULT_FIELD = "change"
+DEFAULT_FIELD = defaults.LABEL_FIELD
 #: Overlap (as a fraction of the tile's area) under which a polygon only touches a tile's edge.
 AREA_EPSILON = 1e-9
 
@@ -302,10 +303,10 @@ def labelled_tiles(
     labels: LabelSource,
     *,
     tile_size: int,
-    overlap: int = 0,
+    overlap: int = defaults.GRID_OVERLAP,
     field: str = DEFAULT_FIELD,
     unmarked_unchanged: bool = False,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     progress: Progress | None = None,
 ) -> gpd.GeoDataFrame:
     """The scene's tile grid with a ``label`` column (1, 0, -1) from weak labels.

@@ -1,16 +1,20 @@
 """Scene manifests: a CSV with the header ``name,before,after,labels`` (labels may be empty).
 
-Relative paths are taken from the CSV's folder. Used by ``kdmsi batch`` and multi-scene training.
+Relative paths are taken from the CSV's folder. An optional ``pseudo`` column names each scene's
+pseudo-label raster (detector training on several scenes). Every job reads manifests here:
+``kdmsi batch``, multi-scene KD-MSI training and multi-scene detector training.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdmsi_engine.atomic import write_text_atomic
 from kdmsi_engine.errors import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -27,12 +31,15 @@ class SceneSpec:
         before: raster of the first date.
         after: raster of the second date.
         labels: weak-label vector file, or ``None`` for scenes to detect only.
+        pseudo: pseudo-label raster from the optional ``pseudo`` column (not checked here: only
+            detector training uses it), or ``None``.
     """
 
     name: str
     before: Path
     after: Path
     labels: Path | None
+    pseudo: Path | None = None
 
 
 def _resolve(value: str, base: Path) -> Path:
@@ -95,7 +102,25 @@ def read_manifest(path: str | os.PathLike[str], *, check_files: bool = True) -> 
                     raise ManifestError(
                         f"manifest {manifest.name} line {line}: {key} file {value} does not exist"
                     )
-        specs.append(SceneSpec(name, paths["before"], paths["after"], labels))
+        pseudo = _resolve(row["pseudo"], base) if row.get("pseudo") else None
+        specs.append(SceneSpec(name, paths["before"], paths["after"], labels, pseudo))
     if not specs:
         raise ManifestError(f"manifest {manifest.name} lists no scenes; add one row per scene")
     return specs
+
+
+def write_manifest(path: Path, specs: list[SceneSpec]) -> None:
+    """Write ``specs`` as a manifest with absolute paths (atomically, replacing ``path``)."""
+    rows = [("name", "before", "after", "labels")]
+    rows += [
+        (
+            s.name,
+            str(Path(s.before).absolute()),
+            str(Path(s.after).absolute()),
+            str(Path(s.labels).absolute()) if s.labels is not None else "",
+        )
+        for s in specs
+    ]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    write_text_atomic(path, buffer.getvalue(), overwrite=True)

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import rasterio
@@ -233,6 +234,16 @@ class GridReader:
             return None
         inner = Window(c0, r0, c1 - c0, r1 - r0)
         return inner, (slice(r0 - row0, r1 - row0), slice(c0 - col0, c1 - col0))
+
+    @overload
+    def read(
+        self, window: Window, bands: tuple[int, ...], *, with_data: Literal[True] = True
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def read(
+        self, window: Window, bands: tuple[int, ...], *, with_data: Literal[False]
+    ) -> tuple[None, np.ndarray]: ...
 
     def read(
         self, window: Window, bands: tuple[int, ...], *, with_data: bool = True

@@ -70,7 +70,7 @@ def parse_bands(value: object) -> tuple[int, ...] | None:
         elif isinstance(value, int):
             items = [value]
         else:
-            items = [int(v) for v in value]  # type: ignore[union-attr]
+            items = [int(v) for v in value]  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
         raise InputError(f"bands {value!r} are not band numbers; give e.g. 1,2,3") from exc
     if not items:

@@ -21,6 +21,7 @@ import numpy as np
 from rasterio.windows import Window
 from shapely.geometry import Polygon
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.data.grid import Grid
 from kdmsi_engine.errors import GridError, InputError, OutputError
@@ -91,9 +92,9 @@ def check_scene_fits(grid: Grid, tile_size: int) -> None:
 
 def make_tile_grid(
     scene: ScenePair,
-    tile_size: int = 256,
-    overlap: int = 0,
-    min_valid_fraction: float = 0.5,
+    tile_size: int = defaults.TILE_SIZE,
+    overlap: int = defaults.GRID_OVERLAP,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     progress: Progress | None = None,
     *,
     mask_side: int | None = MASK_SIDE,
@@ -160,14 +161,9 @@ def tiles_frame(
     return gpd.GeoDataFrame(data, geometry=geometries, crs=crs)
 
 
-def tile_window(row: object) -> Window:
+def tile_window(row: Any) -> Window:
     """The pixel window of one tile record (a row of a tile GeoDataFrame)."""
-    return Window(
-        int(row["col_off"]),
-        int(row["row_off"]),
-        int(row["width"]),
-        int(row["height"]),  # type: ignore[index]
-    )
+    return Window(int(row["col_off"]), int(row["row_off"]), int(row["width"]), int(row["height"]))
 
 
 def write_tile_grid(

@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdmsi_engine import defaults
 from kdmsi_engine.device import autocast
 from kdmsi_engine.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 METHODS = ("msi", "mi", "student", "cam")
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
@@ -112,7 +116,7 @@ def _multiscale(
     Returns two (B,1,H,W) tensors: the sum of G (for MI) and the sum of sigmoid(G) (for MSI).
     """
     _check(before, after)
-    scales = check_scales(scales)
+    scales = parse_scales(scales)
     batch = before.shape[0]
     size = (before.shape[-2], before.shape[-1])
     sum_g = torch.zeros(batch, 1, *size, dtype=torch.float32, device=before.device)
@@ -169,17 +173,14 @@ def msi_map(
     return multiscale_maps(student, before, after, scales, amp=amp)[1]
 
 
-def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    """Validate inference scales (positive numbers, at least one)."""
+def parse_scales(
+    value: str | Sequence[float] | None, default: tuple[float, ...] = defaults.MSI_SCALES
+) -> tuple[float, ...]:
+    """Inference scales by :func:`kdmsi_engine.defaults.parse_scales`, or :class:`InputError`."""
     try:
-        values = tuple(float(s) for s in scales)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"scales must be numbers, e.g. 0.5,1,1.5,2; got {scales!r}") from exc
-    if not values or any(not (v > 0) or v > 8 for v in values):
-        raise InputError(
-            f"scales must be positive numbers up to 8, e.g. 0.5,1,1.5,2; got {scales!r}"
-        )
-    return values
+        return defaults.parse_scales(value, default)
+    except ValueError as exc:
+        raise InputError(str(exc), parameters=("scales",)) from exc
 
 
 def change_map(
@@ -212,6 +213,7 @@ def change_map(
     return msi_map(student, before, after, scales, amp=amp)
 
 
-def prepare_for_inference(net: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+def prepare_for_inference(net: NetT, device: torch.device | str = "cpu") -> NetT:
     """Move ``net`` to ``device``, eval mode, channels-last weights (faster on CPU and GPU)."""
-    return net.to(device).eval().to(memory_format=torch.channels_last)
+    # torch's stubs lack Module.to(memory_format=...), which torch documents and supports
+    return net.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -28,6 +28,7 @@ import torch
 from kdmsi_engine.atomic import check_output
 from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.errors import InputError, ModelFileError, RasterError
+from kdmsi_engine.inference.maps import parse_scales
 from kdmsi_engine.inference.sliding import check_window_params, predict_scene
 from kdmsi_engine.progress import Progress
 
@@ -35,18 +36,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("msi", "mi", "student", "cam")
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
-
-
-def parse_scales(text: str | Sequence[float]) -> tuple[float, ...]:
-    """``"0.5,1,1.5,2"`` (or a sequence) -> positive floats, or :class:`InputError`."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        scales = tuple(float(v) for v in items if str(v).strip())
-    except ValueError as exc:
-        raise InputError(f"scales {text!r} are not numbers; give e.g. 0.5,1,1.5,2") from exc
-    if not scales or any(not (0.0 < s <= 8.0) for s in scales):
-        raise InputError(f"scales {text!r} must be in (0, 8]; give e.g. 0.5,1,1.5,2")
-    return scales
 
 
 def model_bands(metadata: dict[str, Any]) -> tuple[list[int] | None, int | None]:

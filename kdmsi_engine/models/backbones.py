@@ -71,8 +71,9 @@ class Backbone(nn.Module):
         self.in_channels = in_channels
         self.weights = weights
         self.encoder = encoder
-        self.low_channels = int(encoder.low_channels)
-        self.high_channels = int(encoder.high_channels)
+        # every encoder module sets these two ints (torch's stubs type attributes as Tensor | Module)
+        self.low_channels = int(encoder.low_channels)  # type: ignore[arg-type]
+        self.high_channels = int(encoder.high_channels)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` (B,C,H,W), already normalised -> (low (B,Cl,H/4,W/4), high (B,Ch,H/16,W/16))."""

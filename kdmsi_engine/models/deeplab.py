@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import Tensor, nn
 
 from kdmsi_engine.errors import InputError, ModelFileError
 from kdmsi_engine.modelfile import MAX_BANDS, metadata_int
+
+if TYPE_CHECKING:
+    from kdmsi_engine.models.backbones import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +105,14 @@ class SiameseDeepLabV3Plus(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         num_classes: int = NUM_CLASSES,
         aspp_rates: tuple[int, ...] = ASPP_RATES,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.aspp = ASPP(int(backbone.high_channels), ASPP_CHANNELS, tuple(aspp_rates))
-        self.reduce = _conv_bn_relu(int(backbone.low_channels), LOW_REDUCED_CHANNELS, 1)
+        self.aspp = ASPP(backbone.high_channels, ASPP_CHANNELS, tuple(aspp_rates))
+        self.reduce = _conv_bn_relu(backbone.low_channels, LOW_REDUCED_CHANNELS, 1)
         self.decoder = nn.Sequential(
             _conv_bn_relu(ASPP_CHANNELS + LOW_REDUCED_CHANNELS, 256, 3),
             _conv_bn_relu(256, 256, 3),
@@ -127,6 +130,7 @@ class SiameseDeepLabV3Plus(nn.Module):
         # Small classifier weights: the first logits are near 0 (loss near ln 2), so the
         # 10x learning rate of the new layers does not start with huge gradients.
         nn.init.normal_(self.classifier.weight, std=0.01)
+        assert self.classifier.bias is not None
         nn.init.zeros_(self.classifier.bias)
 
     def new_modules(self) -> list[nn.Module]:

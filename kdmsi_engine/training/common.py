@@ -75,7 +75,8 @@ def set_poly_lr(
 
 
 def _split_decay(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in params:
         if not p.requires_grad:
             continue
@@ -134,7 +135,7 @@ def checkpoint_path(out: str | os.PathLike[str]) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Torch (CPU, CUDA), NumPy and Python generator states as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),

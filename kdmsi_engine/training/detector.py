@@ -29,7 +29,6 @@ reads.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -55,6 +54,7 @@ from kdmsi_engine.errors import InputError, LabelError, ManifestError, RasterErr
 from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.deeplab import (
     DETECTOR_KIND,
+    SiameseDeepLabV3Plus,
     architecture_dict,
     build_detector,
 )
@@ -234,19 +234,15 @@ def scenes_from_manifest(
 
     path = Path(manifest)
     specs = read_manifest(path)
-    column = _pseudo_column(path)
     folder = Path(pseudo_dir) if pseudo_dir is not None else None
     out: list[DetectorScene] = []
     for spec in specs:
-        candidates: list[Path] = []
-        if column.get(spec.name):
-            given = Path(column[spec.name])
-            candidates.append(given if given.is_absolute() else path.parent / given)
+        candidates: list[Path] = [spec.pseudo] if spec.pseudo is not None else []
         if folder is not None:
-            candidates += [folder / f"{spec.name}.tif", folder / spec.name / "pseudo_labels.tif"]
+            candidates += [folder / f"{spec.name}.tif", folder / spec.name / defaults.PSEUDO_NAME]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            if column.get(spec.name):
+            if spec.pseudo is not None:
                 raise ManifestError(
                     f"pseudo labels {candidates[0]} of scene {spec.name!r} do not exist; fix "
                     "the manifest's pseudo column"
@@ -261,19 +257,6 @@ def scenes_from_manifest(
             parameters=("pseudo_dir",),
         )
     return out
-
-
-def _pseudo_column(manifest: Path) -> dict[str, str]:
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or "pseudo" not in reader.fieldnames:
-                return {}
-            return {
-                (row.get("name") or "").strip(): (row.get("pseudo") or "").strip() for row in reader
-            }
-    except OSError as exc:
-        raise ManifestError(f"cannot read manifest {manifest}: {exc.strerror}") from exc
 
 
 def _open_scenes(specs: Sequence[DetectorScene], bands: object) -> list[ScenePair]:
@@ -643,7 +626,7 @@ class DetectorTask:
 
 
 def _fit(
-    model: torch.nn.Module,
+    model: SiameseDeepLabV3Plus,
     data: _TileSet,
     config: DetectorConfig,
     metadata: dict[str, Any],
@@ -654,7 +637,7 @@ def _fit(
 ) -> dict[str, Any]:
     model.to(device)
     if device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     groups = param_groups(
         model.backbone_parameters(),
         model.head_parameters(),
@@ -687,7 +670,7 @@ def _fit(
         progress=progress,
         message=f"{len(data)} tiles, {config.epochs} epochs, batch {config.batch_size}",
     )
-    model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+    model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     final = fitted.final_loss
     return {

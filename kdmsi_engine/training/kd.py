@@ -210,7 +210,11 @@ def train_kdmsi(
             f"resume: no checkpoint {ckpt}; run again without resume", parameters=("resume",)
         )
     progress.stage("tiles", message="collecting labelled tiles")
-    common = {"tile_size": tile_size, "bands": bands, "min_valid_fraction": min_valid_fraction}
+    common: dict[str, Any] = {
+        "tile_size": tile_size,
+        "bands": bands,
+        "min_valid_fraction": min_valid_fraction,
+    }
     if dataset is not None:
         tset = folder_training_set(dataset, progress=progress, **common)
     elif scenes is not None:

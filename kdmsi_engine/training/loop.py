@@ -278,7 +278,7 @@ def _train_epoch(
         counted += count
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * count
-        progress.advance(1, epoch=epoch + 1, lr=lr, **values)
+        progress.advance(1, epoch=epoch + 1, lr=lr, **values)  # type: ignore[arg-type]
     if counted:
         means = {key: value / counted for key, value in sums.items()}
         state.history.append({**means, "epoch": epoch + 1})

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from kdmsi_engine import defaults
 from kdmsi_engine.errors import GridError, InputError, LabelError
 from kdmsi_engine.progress import Progress
 
@@ -242,11 +243,11 @@ def scene_training_set(
     after: PathLike,
     labels: PathLike,
     *,
-    tile_size: int = 256,
+    tile_size: int = defaults.TILE_SIZE,
     field: str = "change",
     unmarked_unchanged: bool = False,
     bands: object = None,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     name: str | None = None,
     progress: Progress | None = None,
 ) -> TrainingSet:
@@ -279,11 +280,11 @@ def scene_training_set(
 def manifest_training_set(
     manifest: PathLike,
     *,
-    tile_size: int = 256,
+    tile_size: int = defaults.TILE_SIZE,
     field: str = "change",
     unmarked_unchanged: bool = False,
     bands: object = None,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     progress: Progress | None = None,
 ) -> TrainingSet:
     """Labelled tiles of every scene of a manifest that has a label file.
@@ -304,6 +305,7 @@ def manifest_training_set(
     band_sets: list[tuple[int, ...]] = []
     scalings: dict[str, dict[str, Any]] = {}
     for spec in specs:
+        assert spec.labels is not None  # scenes without labels were left out above
         source, new, skipped, scene_bands, scaling = _one_scene(
             spec.before,
             spec.after,
@@ -336,9 +338,9 @@ def manifest_training_set(
 def folder_training_set(
     roots: PathLike | Sequence[PathLike],
     *,
-    tile_size: int = 256,
+    tile_size: int = defaults.TILE_SIZE,
     bands: object = None,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
     names: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> TrainingSet:

@@ -8,6 +8,7 @@ from kdmsi_qgis.algorithms.detection import (
     VectorizeAlgorithm,
 )
 from kdmsi_qgis.algorithms.evaluation import EvaluateAlgorithm
+from kdmsi_qgis.algorithms.export import ExportDetectorAlgorithm
 from kdmsi_qgis.algorithms.maps import (
     ChangeProbabilityAlgorithm,
     PseudoLabelsAlgorithm,
@@ -28,6 +29,7 @@ ALGORITHM_CLASSES = (
     RunChainAlgorithm,
     VectorizeAlgorithm,
     EvaluateAlgorithm,
+    ExportDetectorAlgorithm,
 )
 
 __all__ = ["ALGORITHM_CLASSES"]

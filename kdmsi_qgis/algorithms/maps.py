@@ -20,18 +20,12 @@ from kdmsi_qgis.contract import D
 
 
 def check_scales(text: str) -> str:
-    """``0.5,1,1.5,2`` -> the same text, or QgsProcessingException for bad values."""
-    cleaned = text.replace(" ", "")
+    """``0.5,1,1.5,2`` -> the same text, or QgsProcessingException (the engine's rule)."""
     try:
-        values = [float(v) for v in cleaned.split(",") if v]
-    except ValueError:
-        values = []
-    if not values or any(v <= 0 or v > 8 for v in values):
-        raise QgsProcessingException(
-            f"scales {text!r} are not valid; give positive numbers separated by commas, "
-            "e.g. 0.5,1,1.5,2"
-        )
-    return cleaned
+        D.parse_scales(text)
+    except ValueError as exc:
+        raise QgsProcessingException(str(exc)) from exc
+    return text.replace(" ", "")
 
 
 def threshold_argument(text: str, named: tuple[str, ...]) -> str:

@@ -8,10 +8,12 @@ import ast
 import inspect
 from pathlib import Path
 
+import pytest
+
 from kdmsi_engine import defaults
 from kdmsi_engine.cli import build_parser
 from kdmsi_engine.cli.run import config_from_args
-from kdmsi_engine.pipeline import RunConfig
+from kdmsi_engine.jobs.config import RunConfig
 from kdmsi_engine.training.detector import DetectorConfig, train_detector
 from kdmsi_engine.training.kd import train_kdmsi
 
@@ -59,7 +61,12 @@ def test_every_job_reads_the_same_defaults():
     assert cva.threshold == defaults.CVA_THRESHOLD
     detect = _parse("detect", "b.tif", "a.tif", "--model", "d.kdmsi", "-o", "out")
     assert float(detect.threshold) == defaults.DETECT_THRESHOLD
-    assert defaults.parse_scales_text(defaults.MSI_SCALES_TEXT) == defaults.MSI_SCALES
+    assert defaults.parse_scales(defaults.MSI_SCALES_TEXT) == defaults.MSI_SCALES
+    assert defaults.parse_scales(None, (1.0,)) == (1.0,)
+    assert defaults.parse_scales([0.5, "2"]) == (0.5, 2.0)
+    for bad in ("0", "1,x", "9", ","):
+        with pytest.raises(ValueError, match="scales"):
+            defaults.parse_scales(bad)
 
 
 def test_functions_default_to_the_module():
@@ -86,4 +93,4 @@ def test_defaults_module_needs_only_the_standard_library():
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__"}
+    assert imported <= {"__future__", "collections"}, imported

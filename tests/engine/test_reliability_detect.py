@@ -173,6 +173,7 @@ def test_sigkill_during_detection_keeps_earlier_outputs(pair, detector, earlier,
     _check_complete(earlier)
 
 
+@pytest.mark.slow
 def test_sigkill_late_in_detection_leaves_only_complete_files(
     pair, detector, earlier, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]

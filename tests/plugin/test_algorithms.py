@@ -190,6 +190,7 @@ def test_evaluate(probability: str, taizhou, workdir: Path) -> None:
     assert result["BEST_IOU"] >= result["IOU"] - 1e-9
 
 
+@pytest.mark.slow
 def test_run_whole_chain(plugin, taizhou, weak_labels, workdir: Path) -> None:
     result = run(
         "runchain",

@@ -149,6 +149,7 @@ def test_dock_cancel_stops_training(dock) -> None:
     assert dock.train_button.isEnabled()
 
 
+@pytest.mark.slow
 def test_dock_run_all_puts_styled_results_in_one_group(dock, project_layers) -> None:
     dock.labels_combo.setLayer(project_layers["labels"])
     dock.field_combo.setField("change")

@@ -109,6 +109,7 @@ def test_nothing_labelled_is_refused(tmp_path, taizhou):
     assert not (tmp_path / "d.kdmsi").exists()
 
 
+@pytest.mark.slow
 def test_cancel_then_resume_equals_uninterrupted(tmp_path, taizhou):
     args = (taizhou["before"], taizhou["after"], taizhou["pseudo"])
     opts = dict(epochs=2, max_tiles=4, min_labelled=0.3, seed=3, **TINY)

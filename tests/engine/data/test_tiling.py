@@ -28,7 +28,7 @@ from kdmsi_engine.data.tiling import window_polygon
 from kdmsi_engine.errors import LabelError, OutputError
 from kdmsi_engine.progress import Progress
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _grid(width: int, height: int) -> Grid:

@@ -11,7 +11,7 @@ from detect_testutils import crop_sample, tiny_config
 from rasterio.windows import Window
 
 from kdmsi_engine.errors import OutputError
-from kdmsi_engine.pipeline import run_scene
+from kdmsi_engine.jobs.run import run_scene
 
 FILES = (
     "student.kdmsi", "msi_probability.tif", "change_evidence.tif", "pseudo_labels.tif",
@@ -31,6 +31,7 @@ def run(tmp_path_factory):
     return scene, out, record
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_file_on_the_scene_grid(run):
     scene, out, _ = run
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)

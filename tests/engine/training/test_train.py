@@ -158,6 +158,7 @@ def _cancel_after(n: int) -> Progress:
     return Progress(_callback, lambda: seen["train"] >= n)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_weights(
     shared_data: Path, tmp_path: Path
 ) -> None:

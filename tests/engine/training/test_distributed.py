@@ -37,7 +37,7 @@ from kdmsi_engine.training.common import checkpoint_path, epoch_order
 from kdmsi_engine.training.detector import train_detector
 from kdmsi_engine.training.kd import train_kdmsi
 
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[2] / "helpers"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
 
@@ -97,12 +97,13 @@ def test_other_commands_refuse_to_run_under_torchrun(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_processes_are_one_process_at_the_global_batch(
     shared_data: Path, tmp_path: Path, repo_root: Path
 ) -> None:
     """Without BatchNorm, 2 processes x 4 tile pairs = 1 process x 8: losses and weights."""
     data = _dataset(shared_data, tmp_path / "ds", ("9_3.png",))
-    script = str(HERE / "distributed_testutils.py")
+    script = str(HELPERS / "distributed_testutils.py")
     runs = {}
     for processes in (1, 2):
         out, steps = tmp_path / f"p{processes}.kdmsi", tmp_path / f"p{processes}.json"
@@ -125,6 +126,7 @@ def test_two_processes_are_one_process_at_the_global_batch(
     assert two["result"]["global_batch"] == 8 and two["result"]["per_process_batch"] == 4
 
 
+@pytest.mark.slow
 def test_torchrun_kd_training_writes_one_model_that_loads_and_infers(
     shared_data: Path, tmp_path: Path, repo_root: Path
 ) -> None:
@@ -195,6 +197,7 @@ def _cancel_in_epoch_2(command: list[str], env: dict[str, str]) -> list[dict[str
     return events
 
 
+@pytest.mark.slow
 def test_torchrun_detector_cancel_and_resume_give_the_uninterrupted_model(
     shared_data: Path, tmp_path: Path, repo_root: Path
 ) -> None:

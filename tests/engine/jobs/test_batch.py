@@ -32,6 +32,7 @@ def batch(tmp_path_factory):
     return argv, out, status
 
 
+@pytest.mark.slow
 def test_broken_scene_is_reported_and_the_others_finish(batch, capsys):
     _, out, status = batch
     assert status == 0

@@ -9,7 +9,7 @@ import rasterio
 from rasterio.windows import Window
 from shapely.geometry import box
 
-from kdmsi_engine.pipeline import RunConfig
+from kdmsi_engine.jobs.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = REPO_ROOT / "resources" / "sample"

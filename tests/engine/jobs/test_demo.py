@@ -40,7 +40,7 @@ def test_weak_labels_come_from_the_reference(shared_data):
 def test_demo_runs_the_chain_defaults(tmp_path):
     """The demo is what ``kdmsi run`` does with no options (the tile size aside)."""
     from kdmsi_engine.cli.run import config_from_args
-    from kdmsi_engine.pipeline import RunConfig
+    from kdmsi_engine.jobs.config import RunConfig
 
     args = build_parser().parse_args(demo_arguments(tmp_path / "out"))
     assert args.command == "run" and args.overwrite

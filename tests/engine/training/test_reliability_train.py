@@ -20,7 +20,7 @@ from reliability_helpers import listing, partial_files, tmpfs
 
 from kdmsi_engine.modelfile import CHECKPOINT_FORMAT, load_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # Two changed and two unchanged sample points of landsat-taizhou-nanjing/label/taizhou.tif
 # (EPSG:32651), in four different 64 px tiles.
 CHANGED = [(204315.0, 3604605.0), (205575.0, 3598320.0)]
@@ -89,6 +89,7 @@ def _events(lines: list[str]) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume(pair, good_labels, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "models"
     out.mkdir()
