@@ -121,6 +121,8 @@ DETECT_QUANTILE = 0.98
 DETECT_THRESHOLD = 0.5
 DETECT_SCALES = "1"
 INFER_BATCH_SIZE = 4
+#: ``kdmsi batch --cluster local`` starts one worker process per this many cores (at least 1).
+CLUSTER_LOCAL_CORES_PER_WORKER = 2
 #: Fuse the detector's map with the calibrated change vector analysis for the final map.
 FUSE_EVIDENCE = True
 #: The detector's weight in the fusion (the spectral map has the rest): at 10-30 m a pixel the

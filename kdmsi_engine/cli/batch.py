@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdmsi_engine import defaults
 from kdmsi_engine.cli.run import add_run_options, config_from_args
 from kdmsi_engine.progress import Progress
 
@@ -22,11 +23,26 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "scenes), train KD-MSI and the detector once over the labelled scenes, and detect "
             "on every scene into OUTDIR/<name>/. A failing scene is reported in "
             "OUTDIR/batch.json and the others go on; a rerun skips finished scenes and reuses "
-            "trained models (--overwrite starts again)."
+            "trained models (--overwrite starts again). --model detects every scene with a "
+            "detector you have, without training; --cluster runs the training and one task per "
+            "scene on Dask distributed."
         ),
     )
     parser.add_argument("manifest", metavar="MANIFEST", help="scene manifest (CSV)")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "--model",
+        metavar="DETECTOR.kdmsi",
+        help="detect every scene with this detector instead of training one (labelled scenes "
+        "still calibrate their threshold on their labels)",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="local[:N]|tcp://HOST:PORT",
+        help="run on Dask distributed: a local cluster of N worker processes (default one per "
+        f"{defaults.CLUSTER_LOCAL_CORES_PER_WORKER} cores) or a running scheduler's address; "
+        "the data paths must be readable by every worker (pip install 'kdmsi[cluster]')",
+    )
     add_run_options(parser)
     parser.set_defaults(handler=_handle)
 
@@ -38,6 +54,8 @@ def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         args.manifest,
         args.output,
         config=config_from_args(args),
+        model=args.model,
+        cluster=args.cluster,
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -48,4 +66,6 @@ def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         "status": record["status"],
         "counts": record["counts"],
         "failed": [s["name"] for s in record["scenes"] if s.get("status") == "failed"],
+        "seconds": record["seconds"],
+        **({"cluster": record["cluster"]} if "cluster" in record else {}),
     }

@@ -94,7 +94,7 @@ def truth_metrics(
     return out
 
 
-def _tiles_and_evidence(
+def tiles_and_evidence(
     work: SceneWork,
     config: RunConfig,
     *,
@@ -244,7 +244,7 @@ def train_stages(
             )
         msi_s += time.monotonic() - mark
         mark = time.monotonic()
-        tiles, held_out, evidence = _tiles_and_evidence(
+        tiles, held_out, evidence = tiles_and_evidence(
             work, config, overwrite=overwrite or reuse, reuse=reuse, progress=progress
         )
         scene_tiles[name] = (tiles, held_out)

@@ -1,0 +1,49 @@
+"""The Dask worker plugin of ``kdmsi batch --cluster`` (imported only where Dask is installed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+from distributed import WorkerPlugin
+
+from kdmsi_engine.jobs.cluster import THREADS_ENV
+
+logger = logging.getLogger(__name__)
+
+
+class ThreadLimits(WorkerPlugin):
+    """Dask worker plugin: the engine's process settings and a share of the cores per worker.
+
+    ``workers_per_host`` counts the workers on each machine when the batch starts; a worker
+    takes ``cores // (workers on its machine * its task threads)`` threads (at least 1) for
+    torch and GDAL, and the engine's process settings (PROJ data, OpenMP waiting, GDAL cache).
+    """
+
+    name = "kdmsi-thread-limits"
+
+    def __init__(self, workers_per_host: dict[str, int]) -> None:
+        self.workers_per_host = dict(workers_per_host)
+
+    def setup(self, worker: Any) -> None:
+        from kdmsi_engine.environment import configure_process
+
+        configure_process()
+        host = urlparse(worker.address).hostname or ""
+        share = self.workers_per_host.get(host, 1) * max(1, int(worker.state.nthreads))
+        threads = max(1, _cores() // share)
+        os.environ[THREADS_ENV] = str(threads)
+        os.environ["GDAL_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        logger.info("worker %s: %d thread(s)", worker.address, threads)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
