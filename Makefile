@@ -24,7 +24,7 @@ for name in ("numpy", "shapely", "rasterio", "pyproj", "geopandas", "pandas", "f
 endef
 export PIN_SYSTEM_PACKAGES
 
-.PHONY: setup test lint demo bench bench-distributed accuracy ablation package clean
+.PHONY: setup test lint demo bench bench-distributed bench-cluster accuracy ablation package clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,9 @@ bench: setup
 
 bench-distributed: setup
 	$(PY) -m benchmarks.distributed
+
+bench-cluster: setup
+	$(PY) -m benchmarks.cluster
 
 accuracy: setup
 	$(PY) -m benchmarks.accuracy

@@ -47,6 +47,11 @@ def _resolve(value: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
+def is_gdal_path(path: Path) -> bool:
+    """Whether ``path`` is on one of GDAL's virtual file systems (``/vsis3/bucket/key.tif``)."""
+    return str(path).startswith("/vsi")
+
+
 def read_manifest(path: str | os.PathLike[str], *, check_files: bool = True) -> list[SceneSpec]:
     """Read and check a manifest.
 
@@ -98,7 +103,9 @@ def read_manifest(path: str | os.PathLike[str], *, check_files: bool = True) -> 
         labels = _resolve(row["labels"], base) if row.get("labels") else None
         if check_files:
             for key, value in (*paths.items(), ("labels", labels)):
-                if value is not None and not value.exists():
+                # GDAL's virtual file systems (/vsis3/, /vsigs/, /vsiaz/ ...) are checked when
+                # the scene opens them (on a cluster's worker, with its credentials)
+                if value is not None and not is_gdal_path(value) and not value.exists():
                     raise ManifestError(
                         f"manifest {manifest.name} line {line}: {key} file {value} does not exist"
                     )

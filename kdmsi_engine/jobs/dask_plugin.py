@@ -20,6 +20,8 @@ class ThreadLimits(WorkerPlugin):
     ``workers_per_host`` counts the workers on each machine when the batch starts; a worker
     takes ``cores // (workers on its machine * its task threads)`` threads (at least 1) for
     torch and GDAL, and the engine's process settings (PROJ data, OpenMP waiting, GDAL cache).
+    Registered once per batch; Dask runs it on every worker, also one that joins or restarts
+    later.
     """
 
     name = "kdmsi-thread-limits"
@@ -39,6 +41,10 @@ class ThreadLimits(WorkerPlugin):
         import torch
 
         torch.set_num_threads(threads)
+        # the scene step's imports (torch, GDAL, the engine) once here, while the batch checks
+        # its scenes, rather than in the first scene's time
+        import kdmsi_engine.jobs.batch  # noqa: F401
+
         logger.info("worker %s: %d thread(s)", worker.address, threads)
 
 

@@ -122,6 +122,23 @@ def test_cluster_values_are_parsed_and_bad_ones_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+def test_object_store_paths_are_left_to_gdal(tmp_path: Path) -> None:
+    """A manifest may name /vsis3/ (or /vsigs/, /vsiaz/) rasters: the workers read them."""
+    from kdmsi_engine.data.manifest import read_manifest
+    from kdmsi_engine.errors import ManifestError
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "name,before,after,labels\ns3,/vsis3/bucket/a.tif,/vsis3/bucket/b.tif,\n"
+        f"local,{tmp_path / 'missing.tif'},{tmp_path / 'missing.tif'},\n"
+    )
+    with pytest.raises(ManifestError, match="missing.tif does not exist"):
+        read_manifest(manifest)
+    manifest.write_text("name,before,after,labels\ns3,/vsis3/bucket/a.tif,/vsis3/bucket/b.tif,\n")
+    (spec,) = read_manifest(manifest)
+    assert str(spec.before) == "/vsis3/bucket/a.tif"
+
+
 @pytest.mark.slow
 def test_two_workers_detect_like_the_sequential_run_and_report_the_bad_scene(
     scenes: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
