@@ -220,12 +220,16 @@ class OnDask:
         return Outcome(name, "error", error=reason)
 
     def _stop(self, futures: list[Any]) -> None:
-        """Cancel: queued tasks are dropped, running ones see the event and stop."""
+        """Cancel: every task sees the event at its first or next check and stops there.
+
+        The tasks are left to stop themselves (a queued one stops before it starts): cancelling
+        a running future would let the cluster close under it, in the middle of a file.
+        """
         self._cancel.set()
-        self.client.cancel(futures)
         deadline = time.monotonic() + CANCEL_WAIT_S
         while any(not f.done() for f in futures) and time.monotonic() < deadline:
             time.sleep(POLL_S)
+        self.client.cancel([f for f in futures if not f.done()])
 
     def _forward_events(self) -> None:
         while True:

@@ -232,6 +232,41 @@ def test_a_killed_worker_does_not_lose_its_scene(scenes: dict[str, Any], tmp_pat
     assert by_name["bad"]["status"] == "failed"
 
 
+@pytest.mark.slow
+def test_cancel_stops_the_running_scenes_without_files(
+    scenes: dict[str, Any], tmp_path: Path
+) -> None:
+    """Cancelled once the scenes start: every task stops at its next check, nothing is left."""
+    from kdmsi_engine.errors import CancelledError
+    from kdmsi_engine.progress import Progress
+
+    started: dict[str, float] = {}
+
+    def watch(event: Any) -> None:
+        if event.kind == "stage" and event.stage == "scenes":
+            started["at"] = time.monotonic()
+
+    def cancelled() -> bool:  # a second after the scenes went out to the workers
+        return "at" in started and time.monotonic() - started["at"] > 1.0
+
+    manifest = tmp_path / "big.csv"
+    row = f"{SAMPLE / 'taizhou_2000.tif'},{SAMPLE / 'taizhou_2003.tif'},"
+    manifest.write_text("name,before,after,labels\n" + "".join(f"g{i},{row}\n" for i in (1, 2, 3)))
+    with pytest.raises(CancelledError):
+        batch_scenes(
+            manifest, tmp_path / "out", config=tiny_config(), model=scenes["detector"],
+            cluster="local:2", device="cpu", progress=Progress(watch, cancelled),
+        )  # fmt: skip
+    # the tasks stopped themselves before the cluster closed: no temporary file is left, and a
+    # file under its final name is complete
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not [p.name for p in files if ".partial-" in p.name]
+    for path in files:
+        if path.suffix == ".tif":
+            with rasterio.open(path) as src:
+                assert src.read().size > 0
+
+
 def _kill_a_busy_worker(client: Any, deadline: float) -> str:
     """Wait until a worker runs one of the batch's scene tasks; SIGKILL its process."""
     while time.monotonic() < deadline:
