@@ -14,7 +14,7 @@ same tiles. It reports tile pairs per second of the training loop (the model's
 ``timings.tile_pairs_per_second``: samples of all processes over rank 0's loop time), the wall
 time of the command, and each epoch's loss next to the one-process run's: BatchNorm normalises
 each process's half of a batch by its own statistics, so the curves agree closely but not
-exactly (``tests/engine/test_distributed.py`` shows that without BatchNorm they agree to float
+exactly (``tests/engine/training/test_distributed.py`` shows that without BatchNorm they agree to float
 precision).
 
 Usage: ``python -m benchmarks.distributed [--pairs 8] [--epochs 2] [--batch-size 8]

@@ -201,7 +201,7 @@ def batch_scenes(
         # The scenes without labels wait for the labelled ones' thresholds only when they need
         # them; otherwise (a fixed threshold, Otsu) every scene goes at once.
         needs_mean = isinstance(config.threshold, str) and config.threshold != "otsu"
-        waves = [first, rest] if needs_mean else [first + rest]
+        waves = [wave for wave in ([first, rest] if needs_mean else [first + rest]) if wave]
         done = 0
         for wave in waves:
             tasks = []

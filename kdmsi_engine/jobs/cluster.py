@@ -336,6 +336,10 @@ def open_runner(spec: ClusterSpec | None, progress: Progress) -> Iterator[InProc
         logging.getLogger("distributed").setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         if spec.workers is not None:
+            # Dask's nanny sets OMP_NUM_THREADS=1 (and MKL, OpenBLAS, malloc settings) in this
+            # process's environment to pass them to its workers; processes started after the
+            # batch must not inherit them
+            stack.callback(_restore_environment, dict(os.environ))
             progress.log(f"starting a local Dask cluster of {spec.workers} worker(s)")
             cluster = stack.enter_context(
                 LocalCluster(
@@ -373,6 +377,12 @@ def open_runner(spec: ClusterSpec | None, progress: Progress) -> Iterator[InProc
             workers=summary["workers"],
         )
         yield OnDask(client, progress, summary)
+
+
+def _restore_environment(saved: dict[str, str]) -> None:
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
 
 
 def _describe(client: Any, spec: ClusterSpec) -> dict[str, Any]:

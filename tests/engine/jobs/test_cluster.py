@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from kdmsi_engine.cli import main
 from kdmsi_engine.errors import InputError
 from kdmsi_engine.jobs.batch import batch_scenes
-from kdmsi_engine.jobs.cluster import ClusterSpec, parse_cluster
+from kdmsi_engine.jobs.cluster import ClusterSpec, _restore_environment, parse_cluster
 
 distributed = pytest.importorskip("distributed")
 
@@ -146,6 +146,7 @@ def test_two_workers_detect_like_the_sequential_run_and_report_the_bad_scene(
     model = ["--model", str(scenes["detector"]), *SIZES]
     status, _ = _batch(capfd, scenes["three"], tmp_path / "seq", *model)
     assert status == 0
+    environment = dict(os.environ)
     status, events = _batch(
         capfd, scenes["three"], tmp_path / "dask", *model, "--cluster", "local:2"
     )
@@ -167,6 +168,8 @@ def test_two_workers_detect_like_the_sequential_run_and_report_the_bad_scene(
     assert any(e.get("data", {}).get("dashboard") == cluster["dashboard"] for e in logs)
     advances = [e for e in events if e["event"] == "progress" and e["stage"] == "scenes"]
     assert [e["done"] for e in advances] == [1, 2, 3] and advances[-1]["total"] == 3
+    # Dask's settings for its workers (OMP_NUM_THREADS=1, ...) do not stay in this process
+    assert dict(os.environ) == environment
     result = next(e["data"] for e in events if e["event"] == "result")
     assert result["counts"]["failed"] == 1 and result["cluster"]["workers"] == 2
     # resume: a rerun skips the finished scenes
@@ -195,6 +198,7 @@ def test_training_runs_on_a_worker_and_reports_its_progress(
 @pytest.mark.slow
 def test_a_killed_worker_does_not_lose_its_scene(scenes: dict[str, Any], tmp_path: Path) -> None:
     """SIGKILL the worker that runs a scene: the scene is done again elsewhere, nothing lost."""
+    environment = dict(os.environ)  # Dask's nanny sets OMP_NUM_THREADS=1 etc. here: undone below
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
     client = distributed.Client(cluster)
     outcome: dict[str, Any] = {}
@@ -217,6 +221,7 @@ def test_a_killed_worker_does_not_lose_its_scene(scenes: dict[str, Any], tmp_pat
     finally:
         client.close()
         cluster.close()
+        _restore_environment(environment)
     record = outcome["record"]
     by_name = {s["name"]: s for s in record["scenes"]}
     assert record["counts"] == {"complete": 3, "skipped": 0, "failed": 1}
