@@ -27,7 +27,7 @@ import numpy as np
 
 from kdmsi_engine import defaults
 from kdmsi_engine.atomic import check_output, check_output_dir, write_text_atomic
-from kdmsi_engine.data.manifest import read_manifest, write_manifest
+from kdmsi_engine.data.manifest import SceneSpec, read_manifest, write_manifest
 from kdmsi_engine.detect import software_versions
 from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.errors import CancelledError, KdmsiError, LabelError
@@ -93,167 +93,221 @@ def batch_scenes(
     Raises:
         ManifestError: the manifest is unusable. LabelError: no usable labelled scene.
     """
-    progress = progress or Progress()
     config = config or RunConfig()
     config.check()
     # Missing files are typos the user wants to hear about before any work: refused here, with
     # nothing written. Files that exist but cannot be used fail their scene only (below).
     specs = read_manifest(manifest)
-    folder = check_output_dir(out_dir)
-    record_path = folder / BATCH_RECORD
-    check_output(record_path, overwrite=True)
-    torch_device = resolve_device(device)
-    started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {s.name: {"name": s.name} for s in specs}
-    record: dict[str, Any] = {
-        "job": "batch",
-        "status": "running",
-        "manifest": str(Path(manifest).absolute()),
-        "parameters": config.to_dict(),
-        "device": describe_device(torch_device),
-        "versions": software_versions(),
-        "training": {},
-        "scenes": list(results.values()),
-    }
+    batch = Batch(
+        Path(manifest), specs, check_output_dir(out_dir), config,
+        device=device, overwrite=overwrite, progress=progress or Progress(),
+    )  # fmt: skip
+    pending = batch.check_scenes()
+    scene_tiles = batch.train(pending, resume=resume) if pending else {}
+    batch.detect(pending, scene_tiles)
+    return batch.finish()
 
-    def save() -> None:
-        record["scenes"] = [results[s.name] for s in specs]
-        write_text_atomic(record_path, json.dumps(record, indent=2, default=str), overwrite=True)
 
-    def fail(name: str, stage: str, exc: BaseException) -> None:
-        results[name].update(status="failed", stage=stage, error=_error_text(exc))
+class Batch:
+    """One ``batch`` run: its scenes, their results and ``batch.json``, phase by phase.
+
+    :meth:`check_scenes` finds broken scenes before any training, :meth:`train` trains once on
+    the usable labelled scenes, :meth:`detect_scene` detects one scene (labelled scenes with
+    their own threshold, the others with the labelled scenes' mean), :meth:`finish` counts.
+    Every change of a scene's state is saved to ``batch.json`` at once.
+    """
+
+    def __init__(
+        self,
+        manifest: Path,
+        specs: list[SceneSpec],
+        folder: Path,
+        config: RunConfig,
+        *,
+        device: str,
+        overwrite: bool,
+        progress: Progress,
+    ) -> None:
+        self.manifest, self.specs, self.folder, self.config = manifest, specs, folder, config
+        self.device, self.overwrite, self.progress = device, overwrite, progress
+        self.record_path = folder / BATCH_RECORD
+        check_output(self.record_path, overwrite=True)
+        self.student_path = folder / defaults.STUDENT_NAME
+        self.detector_path = folder / defaults.DETECTOR_NAME
+        self.started = time.monotonic()
+        self.results: dict[str, dict[str, Any]] = {s.name: {"name": s.name} for s in specs}
+        self.record: dict[str, Any] = {
+            "job": "batch",
+            "status": "running",
+            "manifest": str(manifest.absolute()),
+            "parameters": config.to_dict(),
+            "device": describe_device(resolve_device(device)),
+            "versions": software_versions(),
+            "training": {},
+            "scenes": list(self.results.values()),
+        }
+        #: thresholds of the labelled scenes detected so far (for the unlabelled ones)
+        self.thresholds: list[float] = []
+
+    def save(self) -> None:
+        self.record["scenes"] = [self.results[s.name] for s in self.specs]
+        text = json.dumps(self.record, indent=2, default=str)
+        write_text_atomic(self.record_path, text, overwrite=True)
+
+    def fail(self, name: str, stage: str, exc: BaseException) -> None:
+        self.results[name].update(status="failed", stage=stage, error=_error_text(exc))
         logger.debug("scene %s failed:\n%s", name, traceback.format_exc())
-        progress.log(f"scene {name} failed in {stage}: {_error_text(exc)}", scene=name)
-        save()
+        self.progress.log(f"scene {name} failed in {stage}: {_error_text(exc)}", scene=name)
+        self.save()
 
-    # 1. Find broken scenes before training.
-    progress.stage("check", total=len(specs), message="checking scenes")
-    usable = []
-    for spec in specs:
-        progress.check_cancelled()
-        scene_dir = folder / spec.name
-        if not overwrite and _scene_record_complete(scene_dir / defaults.RECORD_NAME):
-            results[spec.name].update(status="skipped", reason="already complete")
-            progress.log(f"scene {spec.name}: already complete, skipped", scene=spec.name)
+    def check_scenes(self) -> list[SceneSpec]:
+        """Open every scene not yet complete; the usable ones (broken ones are recorded)."""
+        progress = self.progress
+        progress.stage("check", total=len(self.specs), message="checking scenes")
+        usable = []
+        for spec in self.specs:
+            progress.check_cancelled()
+            if not self.overwrite and _scene_record_complete(
+                self.folder / spec.name / defaults.RECORD_NAME
+            ):
+                self.results[spec.name].update(status="skipped", reason="already complete")
+                progress.log(f"scene {spec.name}: already complete, skipped", scene=spec.name)
+            else:
+                try:
+                    _probe_scene(spec, self.config.bands, self.config.label_field)
+                except CancelledError:
+                    raise
+                except Exception as exc:  # a broken scene is reported, the others go on
+                    self.fail(spec.name, "check", exc)
+                else:
+                    usable.append(spec)
             progress.advance()
-            continue
-        try:
-            _probe_scene(spec, config.bands, config.label_field)
-        except CancelledError:
-            raise
-        except Exception as exc:  # a broken scene is reported, the others go on
-            fail(spec.name, "check", exc)
-        else:
-            usable.append(spec)
-        progress.advance()
-    # 2. Train once on the usable labelled scenes (even when all of them are complete: new
-    #    unlabelled scenes still need the detector; existing models are reused).
-    labelled = [
-        s for s in specs if s.labels is not None and results[s.name].get("status") != "failed"
-    ]
-    student_path, detector_path = folder / defaults.STUDENT_NAME, folder / defaults.DETECTOR_NAME
-    pending = [s for s in usable]
-    timings: dict[str, float] = {}
-    if pending:
+        return usable
+
+    def train(self, pending: list[SceneSpec], *, resume: bool) -> dict[str, Any]:
+        """Train once on the usable labelled scenes (existing models are reused, since new
+        unlabelled scenes still need the detector); each labelled scene's tile labels."""
+        labelled = [
+            s
+            for s in self.specs
+            if s.labels is not None and self.results[s.name].get("status") != "failed"
+        ]
         if not labelled:
             raise LabelError(
-                f"no usable scene of {manifest} has labels; fill the labels column for training"
+                f"no usable scene of {self.manifest} has labels; fill the labels column for "
+                "training"
             )
-        if overwrite:
-            for path in (student_path, detector_path):
+        if self.overwrite:
+            for path in (self.student_path, self.detector_path):
                 check_output(path, overwrite=True)
-        train_manifest = folder / TRAIN_MANIFEST
+        train_manifest = self.folder / TRAIN_MANIFEST
         write_manifest(train_manifest, labelled)
-        train_scenes = [SceneWork(s, check_output_dir(folder / s.name)) for s in labelled]
-        record["training"] = {
+        self.record["training"] = {
             "scenes": [s.name for s in labelled],
-            "student": str(student_path),
-            "detector": str(detector_path),
+            "student": str(self.student_path),
+            "detector": str(self.detector_path),
         }
-        save()
+        self.save()
+        timings: dict[str, float] = {}
         stages, scene_tiles = train_stages(
-            train_scenes,
-            student_path,
-            detector_path,
-            config,
-            device=device,
+            [SceneWork(s, check_output_dir(self.folder / s.name)) for s in labelled],
+            self.student_path,
+            self.detector_path,
+            self.config,
+            device=self.device,
             resume=resume,
-            overwrite=overwrite,
-            progress=progress,
+            overwrite=self.overwrite,
+            progress=self.progress,
             timings=timings,
             manifest=train_manifest,
-            reuse=not overwrite,
+            reuse=not self.overwrite,
         )
-        record["training"].update(stages=plain(stages), timings=timings)
-        save()
-    else:
-        scene_tiles = {}
-    # 3. Detect on every usable scene that is not complete: labelled scenes first, each with
-    #    its own threshold (e.g. unchanged-q on its unchanged tiles); scenes without labels get
-    #    the mean of the labelled scenes' thresholds.
-    thresholds = _complete_thresholds(folder, specs, results)
-    teacher = record["training"].get("stages", {}).get("kd", {}).get("teacher_separation")
-    pending.sort(key=lambda spec: spec.name not in scene_tiles)
-    for index, spec in enumerate(pending, start=1):
-        progress.check_cancelled()
-        progress.log(f"scene {index}/{len(pending)}: {spec.name}", scene=spec.name)
-        scene_dir = folder / spec.name
+        self.record["training"].update(stages=plain(stages), timings=timings)
+        self.save()
+        return scene_tiles
+
+    def detect(self, pending: list[SceneSpec], scene_tiles: dict[str, Any]) -> None:
+        """Detect every pending scene, the labelled ones first (their thresholds set the
+        unlabelled scenes' threshold)."""
+        # labelled scenes a previous run finished count too (check_scenes marked them skipped)
+        self.thresholds = _complete_thresholds(self.folder, self.specs, self.results)
+        ordered = sorted(pending, key=lambda spec: spec.name not in scene_tiles)
+        for index, spec in enumerate(ordered, start=1):
+            self.progress.check_cancelled()
+            self.progress.log(f"scene {index}/{len(ordered)}: {spec.name}", scene=spec.name)
+            self.detect_scene(spec, *scene_tiles.get(spec.name, (None, None)))
+
+    def detect_scene(self, spec: SceneSpec, tiles: Any, held_out: Any) -> bool:
+        """Detect one scene into ``OUTDIR/<name>/`` with its ``run.json``; whether it worked
+        (a failing scene is recorded and the others go on)."""
+        scene_dir = self.folder / spec.name
         mark = time.monotonic()
+        threshold = self.config.threshold
+        if tiles is None and isinstance(threshold, str) and threshold != "otsu":
+            threshold = float(np.mean(self.thresholds)) if self.thresholds else "otsu"
         try:
-            tiles, held_out = scene_tiles.get(spec.name, (None, None))
-            threshold = config.threshold
-            if tiles is None and isinstance(threshold, str) and threshold != "otsu":
-                threshold = float(np.mean(thresholds)) if thresholds else "otsu"
             finished = finish_scene(
-                SceneWork(spec, scene_dir), detector_path, config, tiles, held_out,
-                device=device, overwrite=True, progress=progress, threshold=threshold,
-                teacher=teacher,
+                SceneWork(spec, scene_dir), self.detector_path, self.config, tiles, held_out,
+                device=self.device, overwrite=True, progress=self.progress,
+                threshold=threshold, teacher=self._teacher(),
             )  # fmt: skip
             detection = finished["detection"]
-            if tiles is not None:
-                thresholds.append(float(detection["parameters"]["threshold"]))
-            scene_record = {
-                **detection,
-                "job": "batch-scene",
-                "batch": str(record_path),
-                "labels": str(spec.labels) if spec.labels is not None else None,
-                "training": record["training"],
-                "parameters": {**detection["parameters"], "run": config.to_dict()},
-                "trust": finished["trust"],
-            }
-            scene_record["outputs"]["run"] = str(scene_dir / defaults.RECORD_NAME)
-            write_text_atomic(
-                scene_dir / defaults.RECORD_NAME,
-                json.dumps(scene_record, indent=2, default=str),
-                overwrite=True,
-            )
+            self._write_scene_record(spec, scene_dir, detection, finished["trust"])
         except CancelledError:
             raise
         except Exception as exc:  # a failing scene is reported, the others go on
-            fail(spec.name, "detect", exc)
-            continue
-        results[spec.name].update(
+            self.fail(spec.name, "detect", exc)
+            return False
+        if tiles is not None:
+            self.thresholds.append(float(detection["parameters"]["threshold"]))
+        self.results[spec.name].update(
             status="complete",
             folder=str(scene_dir),
             polygons=detection["polygons"],
             seconds=round(time.monotonic() - mark, 2),
         )
-        save()
-    counts = {
-        status: sum(1 for r in results.values() if r.get("status") == status)
-        for status in ("complete", "skipped", "failed")
-    }
-    record.update(
-        status="complete" if counts["failed"] == 0 else "complete-with-failures",
-        counts=counts,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    save()
-    progress.log(
-        f"batch finished: {counts['complete']} complete, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; see {record_path}"
-    )
-    return {**record, "batch_record": str(record_path)}
+        self.save()
+        return True
+
+    def _teacher(self) -> dict[str, Any] | None:
+        return self.record["training"].get("stages", {}).get("kd", {}).get("teacher_separation")
+
+    def _write_scene_record(
+        self, spec: SceneSpec, scene_dir: Path, detection: dict[str, Any], trust: Any
+    ) -> None:
+        scene_record = {
+            **detection,
+            "job": "batch-scene",
+            "batch": str(self.record_path),
+            "labels": str(spec.labels) if spec.labels is not None else None,
+            "training": self.record["training"],
+            "parameters": {**detection["parameters"], "run": self.config.to_dict()},
+            "trust": trust,
+        }
+        scene_record["outputs"]["run"] = str(scene_dir / defaults.RECORD_NAME)
+        write_text_atomic(
+            scene_dir / defaults.RECORD_NAME,
+            json.dumps(scene_record, indent=2, default=str),
+            overwrite=True,
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Count the scenes by state, save and return the batch record."""
+        counts = {
+            status: sum(1 for r in self.results.values() if r.get("status") == status)
+            for status in ("complete", "skipped", "failed")
+        }
+        self.record.update(
+            status="complete" if counts["failed"] == 0 else "complete-with-failures",
+            counts=counts,
+            seconds=round(time.monotonic() - self.started, 2),
+        )
+        self.save()
+        self.progress.log(
+            f"batch finished: {counts['complete']} complete, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed; see {self.record_path}"
+        )
+        return {**self.record, "batch_record": str(self.record_path)}
 
 
 def _complete_thresholds(folder: Path, specs: list[Any], results: dict[str, Any]) -> list[float]:
