@@ -303,6 +303,7 @@ def make_pseudo_labels(
         ``{"output", "threshold", "threshold_method", "tiles", "pixels", ...}``; for automatic
         thresholds also ``threshold_info`` (Otsu and quantile values).
     """
+    # Longer than 80 lines: the job's documented parameters; the steps are the helpers below.
     progress = progress or Progress()
     mode = parse_threshold(threshold)
     if labels is None and tile_labels is None:

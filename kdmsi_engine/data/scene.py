@@ -186,6 +186,7 @@ class ScenePair:
             GridError: the rasters do not overlap, or the overlap has no valid pixel.
             InputError: bad bands, CRS, resolution or scaling.
         """
+        # Longer than 80 lines: its documented parameters and one check per way two rasters can fail to share a grid.
         if scaling_method not in ("auto", PERCENTILE_METHOD, UINT8_METHOD):
             raise InputError(
                 f"unknown scaling method {scaling_method!r}; use auto, {PERCENTILE_METHOD} or "
