@@ -24,7 +24,7 @@ for name in ("numpy", "shapely", "rasterio", "pyproj", "geopandas", "pandas", "f
 endef
 export PIN_SYSTEM_PACKAGES
 
-.PHONY: setup test lint demo bench accuracy ablation package clean
+.PHONY: setup test lint demo bench bench-distributed accuracy ablation package clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,9 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.bench
+
+bench-distributed: setup
+	$(PY) -m benchmarks.distributed
 
 accuracy: setup
 	$(PY) -m benchmarks.accuracy

@@ -38,3 +38,13 @@ def ensure_proj_data() -> None:
             os.environ["PROJ_DATA"] = str(candidate)
             os.environ["PROJ_LIB"] = str(candidate)
             return
+
+
+def torchrun_process() -> tuple[int, int]:
+    """``(rank, world size)`` of a process that ``torchrun`` started; ``(0, 1)`` otherwise."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if world > 1 else (0, 1)

@@ -22,8 +22,8 @@ import sys
 from typing import Any
 
 from kdmsi_engine import __version__
-from kdmsi_engine.environment import GDAL_CACHE_MB, configure_process
-from kdmsi_engine.errors import CancelledError, KdmsiError
+from kdmsi_engine.environment import GDAL_CACHE_MB, configure_process, torchrun_process
+from kdmsi_engine.errors import CancelledError, InputError, KdmsiError
 from kdmsi_engine.progress import BarReporter, CancelFlag, JsonReporter, Progress, ProgressEvent
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ COMMAND_MODULES = (
     "export",
     "env",
 )
+
+#: Commands that train as one job over several processes started by ``torchrun``.
+DISTRIBUTED_COMMANDS = ("train", "train-detector")
 
 
 def _common_parser() -> argparse.ArgumentParser:
@@ -151,13 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     cancel = CancelFlag()
     cancel.install_signal_handlers()
     reporter: Any
-    if args.progress == "json":
+    rank, world = torchrun_process()
+    if rank > 0:
+        reporter = None  # one job: rank 0 reports its progress and result
+    elif args.progress == "json":
         reporter = JsonReporter()
     elif args.progress == "bar":
         reporter = BarReporter()
     else:
         reporter = None
     progress = Progress(reporter, cancel)
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        return _fail(
+            args,
+            reporter,
+            InputError(
+                f"{args.command} runs in one process; only {' and '.join(DISTRIBUTED_COMMANDS)} "
+                "run over several processes started by torchrun"
+            ),
+        )
     try:
         with _gdal_env():
             result = args.handler(args, progress)
@@ -165,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, reporter, CancelledError("cancelled by the user; nothing was written"))
     except KdmsiError as exc:
         return _fail(args, reporter, exc, parser)
-    if result is not None:
+    if result is not None and rank == 0:
         if args.progress == "json":
             reporter(ProgressEvent("result", progress.current_stage, data=result))
         else:

@@ -8,6 +8,7 @@ from typing import Any
 from kdmsi_engine import defaults as d
 from kdmsi_engine.models.kdmsi import COMBINATIONS
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.training import distributed
 from kdmsi_engine.training.kd import train_kdmsi
 from kdmsi_engine.training.losses import PRECISIONS
 
@@ -24,7 +25,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "(L = L_cls + lambda L_kd) on the labelled tiles of BEFORE/AFTER (--labels), of a "
             "manifest of scenes (--scenes) or of a folder dataset A/ B/ label/ (--dataset). "
             "Writes one model file with both networks; a checkpoint OUT.ckpt after every epoch "
-            "lets --resume continue an interrupted run."
+            "lets --resume continue an interrupted run. Under torchrun (several processes) it "
+            "trains with DistributedDataParallel; --batch-size is then the global batch, shared "
+            "evenly by the processes."
         ),
     )
     parser.add_argument("before", nargs="?", help="raster of the first date")
@@ -52,7 +55,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=d.KD_EPOCHS, help=f"({d.KD_EPOCHS})")
     parser.add_argument(
-        "--batch-size", type=int, default=d.KD_BATCH_SIZE, help=f"({d.KD_BATCH_SIZE})"
+        "--batch-size",
+        type=int,
+        default=d.KD_BATCH_SIZE,
+        help=f"tile pairs per step, over all torchrun processes together ({d.KD_BATCH_SIZE})",
     )
     parser.add_argument("--lr", type=float, default=d.KD_LR, help=f"base learning rate ({d.KD_LR})")
     parser.add_argument(
@@ -93,6 +99,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    with distributed.launched(args.device) as device:
+        return _train(args, device, progress)
+
+
+def _train(args: argparse.Namespace, device: str, progress: Progress) -> dict[str, Any]:
     result = train_kdmsi(
         args.before,
         args.after,
@@ -116,7 +127,7 @@ def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         seed=args.seed,
         augment=not args.no_augment,
         resume=args.resume,
-        device=args.device,
+        device=device,
         precision=args.precision,
         overwrite=args.overwrite,
         progress=progress,

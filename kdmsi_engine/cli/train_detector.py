@@ -22,7 +22,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
             "Train a Siamese DeepLabV3+ change detector on pseudo labels (1 change, 0 none, "
             "255 ignored) of one scene (BEFORE AFTER --pseudo) or of the scenes of a manifest "
             "(--scenes; pseudo labels from a 'pseudo' column or --pseudo-dir). Paper defaults: "
-            "batch 16, 50 epochs, lr 0.007 with poly decay, SGD momentum 0.9, new layers 10x."
+            "batch 16, 50 epochs, lr 0.007 with poly decay, SGD momentum 0.9, new layers 10x. "
+            "Under torchrun (several processes) it trains with DistributedDataParallel; "
+            "--batch-size is then the global batch, shared evenly by the processes."
         ),
     )
     parser.add_argument("before", nargs="?", metavar="BEFORE", help="raster of the first date")
@@ -61,7 +63,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=d.DETECTOR_BATCH_SIZE,
-        help=f"tiles per step ({d.DETECTOR_BATCH_SIZE})",
+        help=f"tiles per step, over all torchrun processes together ({d.DETECTOR_BATCH_SIZE})",
     )
     parser.add_argument(
         "--lr", type=float, default=d.DETECTOR_LR, help=f"base learning rate ({d.DETECTOR_LR})"
@@ -103,6 +105,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from kdmsi_engine.training import distributed
+
+    with distributed.launched(args.device) as device:
+        return _train(args, device, progress)
+
+
+def _train(args: argparse.Namespace, device: str, progress: Progress) -> dict[str, Any]:
     from kdmsi_engine.training.detector import train_detector
 
     return train_detector(
@@ -125,7 +134,7 @@ def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         seed=args.seed,
         max_tiles=args.max_tiles,
         class_weights=args.class_weights,
-        device=args.device,
+        device=device,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=progress,

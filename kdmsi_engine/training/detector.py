@@ -59,6 +59,7 @@ from kdmsi_engine.models.deeplab import (
     build_detector,
 )
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.training import distributed
 from kdmsi_engine.training.common import (
     augment_batch,
     checkpoint_path,
@@ -118,6 +119,7 @@ class DetectorConfig:
             raise InputError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+        distributed.check_global_batch(self.batch_size)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"learning rate must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -482,12 +484,19 @@ def train_detector_scenes(
         for scene in scenes:
             scene.close()
     metadata["training"].update(
-        final_loss=result["final_loss"], seconds=round(time.monotonic() - started, 1)
+        final_loss=result["final_loss"],
+        seconds=round(time.monotonic() - started, 1),
+        batch=result["batch"],
     )
-    save_model(target, metadata, {"detector": result["model"].state_dict()}, overwrite=overwrite)
-    if ckpt.exists():
-        ckpt.unlink()
-    progress.log(f"detector written to {target}")
+    group = distributed.current()
+    if group.is_main:
+        save_model(
+            target, metadata, {"detector": result["model"].state_dict()}, overwrite=overwrite
+        )
+        if ckpt.exists():
+            ckpt.unlink()
+        progress.log(f"detector written to {target}")
+    distributed.barrier(group)  # the model file exists for every process after this
     return {
         "model": str(target),
         "tiles": len(tiles),
@@ -495,6 +504,9 @@ def train_detector_scenes(
         "final_loss": result["final_loss"],
         "device": describe_device(torch_device),
         "seconds": round(time.monotonic() - started, 1),
+        "processes": result["batch"]["processes"],
+        "per_process_batch": result["batch"]["per_process_batch"],
+        "global_batch": result["batch"]["global_batch"],
     }
 
 
@@ -584,9 +596,14 @@ class DetectorTask:
         self.memory_format = (
             torch.channels_last if device.type == "cpu" else torch.contiguous_format
         )
+        #: what the training forward pass runs through (a DDP wrapper with several processes)
+        self._forward: torch.nn.Module = model
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"detector": self.model}
+
+    def distribute(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        self._forward = wrapped["detector"]
 
     def num_samples(self) -> int:
         return len(self.data)
@@ -603,7 +620,7 @@ class DetectorTask:
     def losses(self, batch: tuple[Any, ...], autocast: Autocast) -> tuple[Any, dict[str, Any]]:
         before, after, labels = batch
         with autocast():
-            logits = self.model(before, after)
+            logits = self._forward(before, after)
         # the loss in float32 outside autocast: the log-softmax of rare-change pixels is small
         return detector_loss(logits, labels, self.class_weight), {}
 
@@ -656,4 +673,8 @@ def _fit(
     model.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     final = fitted.final_loss
-    return {"model": model, "final_loss": None if final is None else round(final, 5)}
+    return {
+        "model": model,
+        "final_loss": None if final is None else round(final, 5),
+        "batch": fitted.batch,
+    }

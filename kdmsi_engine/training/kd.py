@@ -48,6 +48,7 @@ from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.backbones import BACKBONES, resolve_backbone
 from kdmsi_engine.models.kdmsi import MODEL_KIND, SiameseCAMNet, architecture, build_kdmsi_models
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.training import distributed
 from kdmsi_engine.training.common import (
     augment_batch,
     checkpoint_path,
@@ -99,6 +100,7 @@ def _check_params(
             f"the batch size must be a whole number >= 1, got {batch_size}",
             parameters=("batch_size",),
         )
+    distributed.check_global_batch(int(batch_size))
     for name, words, value in (
         ("lr", "the learning rate", lr),
         ("kd_weight", "the distillation weight", kd_weight),
@@ -288,9 +290,16 @@ class KDTask:
     ) -> None:
         self.teacher, self.student, self.store = teacher, student, store
         self.kd_weight, self.augment, self.device = kd_weight, augment, device
+        #: what the training forward passes run through (DDP wrappers with several processes)
+        self._forward: dict[str, torch.nn.Module] = self.networks()
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.teacher, "student": self.student}
+
+    def distribute(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        # two wrappers: the CAM target is detached, so each network's gradients come from its
+        # own loss term and each wrapper averages its own
+        self._forward = dict(wrapped)
 
     def num_samples(self) -> int:
         return len(self.store.tset.tiles)
@@ -305,7 +314,13 @@ class KDTask:
         before, after, valid, labels = batch
         with autocast():
             out = kd_losses(
-                self.teacher, self.student, before, after, labels, valid, kd_weight=self.kd_weight
+                self._forward["teacher"],
+                self._forward["student"],
+                before,
+                after,
+                labels,
+                valid,
+                kd_weight=self.kd_weight,
             )
         return out.total, {"cls": out.cls, "kd": out.kd}
 
@@ -417,8 +432,13 @@ def fit_kdmsi(
         )
         teacher.eval()
         student.eval()
-        separation = teacher_separation(teacher, store, batch_size, torch_device)
+        group = distributed.current()
+        # rank 0 alone reports; the others would only repeat its numbers
+        separation = (
+            teacher_separation(teacher, store, batch_size, torch_device) if group.is_main else None
+        )
     metadata["training"].update(
+        batch=fitted.batch,
         history=fitted.history,
         teacher_separation=separation,
         device=describe_device(torch_device),
@@ -442,21 +462,33 @@ def fit_kdmsi(
         "seconds": round(fitted.seconds, 1),
         "final_loss": fitted.final_loss,
         "teacher_separation": separation,
+        **_batch_result(fitted.batch),
     }
     if out_path is not None:
-        save_model(
-            out_path,
-            metadata,
-            {"teacher": teacher.state_dict(), "student": student.state_dict()},
-            overwrite=overwrite,
-        )
-        if ckpt is not None:
-            with contextlib.suppress(FileNotFoundError):
-                ckpt.unlink()
+        if group.is_main:
+            save_model(
+                out_path,
+                metadata,
+                {"teacher": teacher.state_dict(), "student": student.state_dict()},
+                overwrite=overwrite,
+            )
+            if ckpt is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    ckpt.unlink()
+        distributed.barrier(group)  # the model file exists for every process after this
         result["model"] = str(out_path)
     result["networks"] = {"teacher": teacher, "student": student}
     result["metadata"] = metadata
     return result
+
+
+def _batch_result(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch sizes for a job's result (and so ``run.json``)."""
+    return {
+        "processes": batch.get("processes", 1),
+        "per_process_batch": batch.get("per_process_batch"),
+        "global_batch": batch.get("global_batch"),
+    }
 
 
 def _metadata(tset: TrainingSet, arch: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,9 @@ A :class:`TrainingTask` owns its networks, reads (and augments) a batch of sampl
 the loss of a batch. Everything else is written once, here, and behaves the same for both:
 
 - **order and augmentation**: the samples of epoch ``e`` come in :func:`epoch_order` order and
-  are augmented with :func:`epoch_generator` ``(seed, e, 1)``, so both depend only on
-  ``(seed, e)`` and a resumed run repeats what an uninterrupted one does;
+  are augmented with :func:`epoch_generator` ``(seed, e, 1)`` (``1 + r`` in process ``r`` of
+  several), so both depend only on ``(seed, e)`` and a resumed run repeats what an
+  uninterrupted one does;
 - **learning rate**: polynomial decay per optimizer step (:func:`set_poly_lr`);
 - **precision**: the forward pass under autocast for ``bf16``/``fp16``, a CUDA grad scaler for
   ``fp16`` only (:func:`make_scaler`);
@@ -15,12 +16,17 @@ the loss of a batch. Everything else is written once, here, and behaves the same
   optimizer, scaler, generator states, history and a *resume key*; ``resume=True`` continues from
   it and is refused when there is no checkpoint or when it was made with other data or
   parameters (the key differs); without ``resume`` an old checkpoint is replaced;
-- **cancel**: checked before every step; a cancelled run names the checkpoint it kept.
+- **cancel**: checked before every step; a cancelled run names the checkpoint it kept;
+- **several processes** (``torchrun``, :mod:`kdmsi_engine.training.distributed`): when a process
+  group is open, each process trains on its shard of every epoch's order with ``batch_size / N``
+  samples a step, the networks in DistributedDataParallel; losses are averaged over the
+  processes, cancel and empty batches are decided together, rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 from kdmsi_engine.device import describe_device
 from kdmsi_engine.errors import CancelledError, InputError, ModelFileError, TrainingError
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.training import distributed
 from kdmsi_engine.training.common import (
     epoch_generator,
     epoch_order,
@@ -76,12 +83,20 @@ class TrainingTask(Protocol):
         """The total loss of ``batch`` and its named parts (``autocast()`` wraps the forward)."""
         ...
 
+    def distribute(self, wrapped: dict[str, nn.Module]) -> None:
+        """Run the training forward passes through ``wrapped`` (DDP wrappers by name).
+
+        :meth:`networks` keeps returning the bare networks, whose state is what gets saved.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class LoopSettings:
     """How long and how fast to train (checked by the job before the loop starts)."""
 
     epochs: int
+    #: the global batch: with N processes each takes ``batch_size / N`` samples a step
     batch_size: int
     lr: float
     poly_power: float
@@ -109,7 +124,10 @@ class FitResult:
     steps: int
     #: seconds of training, including the part before a resume
     seconds: float
+    #: samples of all processes per second
     samples_per_second: float | None
+    #: processes, backend, per-process and global batch
+    batch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float | None:
@@ -135,6 +153,13 @@ def fit(
         CancelledError: cancelled (the checkpoint of the last finished epoch is kept).
     """
     progress = progress or Progress()
+    group = distributed.current()
+    distributed.check_global_batch(settings.batch_size, group.world_size)
+    if group.active:
+        # a checkpoint's steps and padding depend on the number of processes
+        checkpointing = dataclasses.replace(
+            checkpointing, resume_key={**checkpointing.resume_key, "processes": group.world_size}
+        )
     scaler = make_scaler(settings.precision)
     state = _LoopState()
     if resume:
@@ -147,8 +172,17 @@ def fit(
         device=str(settings.device),
         precision=settings.precision,
     )
-    num = task.num_samples()
-    total_steps = math.ceil(num / settings.batch_size) * settings.epochs
+    batch = _describe_batch(group, settings.batch_size)
+    if group.active:
+        progress.log(
+            f"{group.world_size} processes ({group.backend}): {batch['per_process_batch']} "
+            f"samples per process per step, global batch {batch['global_batch']}",
+            **batch,
+        )
+        task.distribute(
+            {name: distributed.wrap(net, settings.device) for name, net in task.networks().items()}
+        )
+    total_steps = _steps_per_epoch(task.num_samples(), group, settings) * settings.epochs
     progress.stage(task.stage, total=total_steps, message=message)
     if state.step:
         progress.advance(state.step)
@@ -157,7 +191,7 @@ def fit(
         for epoch in range(state.epoch, settings.epochs):
             _train_epoch(task, optimizer, scaler, settings, state, epoch, total_steps, progress)
             state.epoch = epoch + 1
-            if epoch + 1 < settings.epochs:
+            if epoch + 1 < settings.epochs and group.is_main:
                 _save(task, optimizer, scaler, checkpointing, state, started)
     except CancelledError as exc:
         if checkpointing.path is not None and checkpointing.path.is_file():
@@ -173,7 +207,23 @@ def fit(
         steps=state.step,
         seconds=state.seconds_before + seconds,
         samples_per_second=state.samples_seen / seconds if seconds > 0 else None,
+        batch=batch,
     )
+
+
+def _describe_batch(group: distributed.Distributed, global_batch: int) -> dict[str, Any]:
+    return {
+        "processes": group.world_size,
+        "backend": group.backend,
+        "per_process_batch": global_batch // group.world_size,
+        "global_batch": global_batch,
+    }
+
+
+def _steps_per_epoch(num: int, group: distributed.Distributed, settings: LoopSettings) -> int:
+    """Optimizer steps in one epoch (with N processes: of each process's padded shard)."""
+    per_process = math.ceil(num / group.world_size)
+    return math.ceil(per_process / (settings.batch_size // group.world_size))
 
 
 @dataclass
@@ -195,34 +245,39 @@ def _train_epoch(
     total_steps: int,
     progress: Progress,
 ) -> None:
+    group = distributed.current()
     for net in task.networks().values():
         net.train()
-    num = task.num_samples()
-    order = epoch_order(num, settings.seed, epoch)
-    generator = epoch_generator(settings.seed, epoch, 1)
+    order = distributed.shard(
+        epoch_order(task.num_samples(), settings.seed, epoch), group.rank, group.world_size
+    )
+    local_batch = settings.batch_size // group.world_size
+    # each process its own augmentation stream (rank 0's is the one-process stream)
+    generator = epoch_generator(settings.seed, epoch, 1 + group.rank)
     sums: dict[str, float] = {}
     counted = 0
-    for first in range(0, num, settings.batch_size):
-        progress.check_cancelled()
-        indexes = order[first : first + settings.batch_size]
-        batch = task.load_batch(indexes, generator)
+    for first in range(0, len(order), local_batch):
+        indexes = order[first : first + local_batch]
+        batch = _next_batch(task, indexes, generator, group, progress)
         if batch is None:
             state.step += 1
             progress.advance(1)
             continue
         lr = set_poly_lr(optimizer, settings.lr, state.step, total_steps, settings.poly_power)
-        values = _step(task, optimizer, scaler, batch, settings)
+        values, count = distributed.reduce_weighted(
+            group, _step(task, optimizer, scaler, batch, settings), len(indexes)
+        )
         state.step += 1
-        state.samples_seen += len(indexes)
+        state.samples_seen += count
         if not math.isfinite(values["loss"]):
             raise TrainingError(
                 f"training diverged (loss {values['loss']}) at epoch {epoch + 1}; lower the "
                 "learning rate or train in fp32 precision",
                 parameters=("lr", "precision"),
             )
-        counted += len(indexes)
+        counted += count
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value * len(indexes)
+            sums[key] = sums.get(key, 0.0) + value * count
         progress.advance(1, epoch=epoch + 1, lr=lr, **values)  # type: ignore[arg-type]
     if counted:
         means = {key: value / counted for key, value in sums.items()}
@@ -233,6 +288,37 @@ def _train_epoch(
             + (f" ({parts})" if parts else ""),
             **state.history[-1],
         )
+
+
+def _next_batch(
+    task: TrainingTask,
+    indexes: list[int],
+    generator: torch.Generator,
+    group: distributed.Distributed,
+    progress: Progress,
+) -> Any | None:
+    """The batch of ``indexes``; ``None`` when there is nothing to learn from.
+
+    With several processes, a cancel in one process cancels all, and an empty batch in one
+    skips the step in all: a process that left or skipped alone would leave the others
+    waiting for its gradients.
+    """
+    if not group.active:
+        progress.check_cancelled()
+        return task.load_batch(indexes, generator)
+    batch = task.load_batch(indexes, generator)
+    cancelled, empty = distributed.any_process(group, _cancel_asked(progress), batch is None)
+    if cancelled:
+        raise CancelledError(f"cancelled during {progress.current_stage}; nothing was written")
+    return None if empty else batch
+
+
+def _cancel_asked(progress: Progress) -> bool:
+    try:
+        progress.check_cancelled()
+    except CancelledError:
+        return True
+    return False
 
 
 def _step(
