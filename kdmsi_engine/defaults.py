@@ -148,3 +148,12 @@ def parse_scales_text(text: str) -> tuple[float, ...]:
     if not values or any(not 0.0 < v <= 8.0 for v in values):
         raise ValueError(f"scales {text!r} must be numbers in (0, 8], e.g. {MSI_SCALES_TEXT}")
     return values
+
+
+# ----------------------------------------------------------------------------- tiles to label next
+#: ``kdmsi suggest``: how many unlabelled tiles to suggest at a time (a few minutes of labelling).
+SUGGEST_COUNT = 10
+#: Tile widths kept free between any two suggestions, so they are not one blob's neighbours.
+SUGGEST_MIN_GAP = 1
+#: The map's decision threshold: ``auto`` is the run's own (its ``run.json``), else Otsu's.
+SUGGEST_THRESHOLD = "auto"

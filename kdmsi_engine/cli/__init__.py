@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "detect",
     "vectorize",
     "run",
+    "suggest",
     "batch",
     "convert_model",
     "env",

@@ -14,6 +14,7 @@ from kdmsi_qgis.algorithms.maps import (
     QuickPreviewAlgorithm,
 )
 from kdmsi_qgis.algorithms.prepare import LabellingGridAlgorithm
+from kdmsi_qgis.algorithms.suggest import SuggestTilesAlgorithm
 from kdmsi_qgis.algorithms.training import TrainDetectorAlgorithm, TrainModelAlgorithm
 
 #: Every algorithm the provider offers, in workflow order.
@@ -28,6 +29,7 @@ ALGORITHM_CLASSES = (
     RunChainAlgorithm,
     VectorizeAlgorithm,
     EvaluateAlgorithm,
+    SuggestTilesAlgorithm,
 )
 
 __all__ = ["ALGORITHM_CLASSES"]

@@ -16,6 +16,7 @@ EXPECTED = {
     "runchain",
     "vectorize",
     "evaluate",
+    "suggesttiles",
 }
 
 

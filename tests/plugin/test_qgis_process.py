@@ -52,6 +52,7 @@ def test_qgis_process_lists_the_provider(qgis_process_env) -> None:
         "kdmsi:runchain",
         "kdmsi:vectorize",
         "kdmsi:evaluate",
+        "kdmsi:suggesttiles",
     }
 
 
