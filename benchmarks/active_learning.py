@@ -27,8 +27,9 @@ scene and the mean).
 
 Usage::
 
-    python -m benchmarks.active_learning [--scenes beihai,abudhabi,mumbai] [--rounds 3]
-        [--per-round 8] [--seed-tiles 4] [--seeds 0] [--full-kd] [--out DIR] [--data DIR]
+    python -m benchmarks.active_learning [--runs beihai:0,abudhabi:0,...] [--rounds 2]
+        [--per-round 8] [--seed-tiles 4] [--scenes all --seeds 0,1] [--full-kd] [--reuse]
+        [--out DIR] [--data DIR]
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ from kdmsi_engine.atomic import write_text_atomic
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = REPO_ROOT / "active-learning-output"
-#: The OSCD cities with the most 64 px tiles (over 120): the most room to choose tiles from.
-#: The three of them fit this benchmark's budget on 2 cores (README); --scenes takes any.
-DEFAULT_SCENES = ("beihai", "abudhabi", "mumbai")
+#: Scene and seed of each simulation by default: the OSCD cities with the most 64 px tiles
+#: (over 120: the most room to choose tiles from), seed 0, and a second seed on the two that
+#: run fastest; what fits this benchmark's budget on 2 cores (README). --scenes/--seeds (every
+#: scene with every seed) or --runs take others.
+DEFAULT_RUNS = "beihai:0,abudhabi:0,mumbai:0,abudhabi:1,mumbai:1"
 STRATEGIES = ("suggested", "random")
 #: Options added to ``kdmsi run`` by default (see the module docs: same final map, cheaper).
 CHEAP_RUN = ("--kd-epochs", "1", "--msi-scales", "1")
@@ -135,21 +138,52 @@ def write_labels(tiles: gpd.GeoDataFrame, labels: dict[int, int], path: Path) ->
     return path
 
 
+def _finished_run(truth: SceneTruth, labels: dict[int, int], folder: Path) -> float | None:
+    """The seconds of a finished run in ``folder`` on exactly these labels (``--reuse``)."""
+    record, labels_path = folder / "run" / "run.json", folder / "labels.gpkg"
+    if not (record.is_file() and labels_path.is_file()):
+        return None
+    written = gpd.read_file(labels_path)
+    ids = truth.tiles["tile_id"].to_numpy()
+    wanted = {int(ids[i]): v for i, v in labels.items()}
+    if dict(zip(written["tile_id"].astype(int), written["change"].astype(int))) != wanted:
+        return None
+    seconds = folder / "run_seconds.txt"
+    if seconds.is_file():
+        return float(seconds.read_text(encoding="utf-8"))
+    return float(json.loads(record.read_text(encoding="utf-8"))["timings"]["total_s"])
+
+
 def run_and_score(
-    truth: SceneTruth, labels: dict[int, int], folder: Path, extra: list[str]
+    truth: SceneTruth,
+    labels: dict[int, int],
+    folder: Path,
+    extra: list[str],
+    *,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """``kdmsi run`` on the labels (a separate process, timed) and the whole scene's scores."""
+    """``kdmsi run`` on the labels (a separate process, timed) and the whole scene's scores;
+    with ``reuse``, a finished run on the same labels in ``folder`` is scored again instead."""
     folder.mkdir(parents=True, exist_ok=True)
-    labels_path = write_labels(truth.tiles, labels, folder / "labels.gpkg")
+    finished = _finished_run(truth, labels, folder) if reuse else None
+    labels_path = folder / "labels.gpkg"
     command = run_command(truth.scene, labels_path, folder / "run", extra)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    started = time.monotonic()
-    # our own interpreter and an argument list, never a shell
-    done = subprocess.run(  # nosec B603
-        command, capture_output=True, text=True, env=env, check=False, cwd=REPO_ROOT
-    )
-    seconds = time.monotonic() - started
+    if finished is None:
+        write_labels(truth.tiles, labels, labels_path)
+        env = dict(os.environ)
+        paths = (str(REPO_ROOT), env.get("PYTHONPATH"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        started = time.monotonic()
+        # our own interpreter and an argument list, never a shell
+        done = subprocess.run(  # nosec B603
+            command, capture_output=True, text=True, env=env, check=False, cwd=REPO_ROOT
+        )
+        seconds = time.monotonic() - started
+        (folder / "run_seconds.txt").write_text(f"{seconds:.2f}\n", encoding="utf-8")
+        failed = done.returncode != 0
+        error = (done.stderr.strip().splitlines() or ["failed"])[-1] if failed else ""
+    else:
+        seconds, error = finished, ""
     record: dict[str, Any] = {
         "tiles_labelled": len(labels),
         "changed": sum(1 for v in labels.values() if v == 1),
@@ -157,8 +191,8 @@ def run_and_score(
         "command": " ".join(command[2:]),
         "run_seconds": round(seconds, 1),
     }
-    if done.returncode != 0:
-        record["error"] = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    if error:
+        record["error"] = error
         return record
     change, _ = read_band(folder / "run" / "change.tif")
     record["scores"] = score(change == 1, truth.truth, truth.valid)
@@ -209,7 +243,7 @@ def simulate(
     rng_seed = np.random.default_rng(seed)
     answers = truth.tiles["answer"].to_numpy()
     start = seed_labels(answers, args.seed_tiles, rng_seed)
-    first = run_and_score(truth, start, root / "round0", extra)
+    first = run_and_score(truth, start, root / "round0", extra, reuse=args.reuse)
     print(f"{name} seed {seed} round 0: {_iou(first)} ({first['run_seconds']} s)", flush=True)
     analysts = [Analyst(s, dict(start), [first]) for s in STRATEGIES]
     rng_random = np.random.default_rng([seed, 1])
@@ -228,7 +262,11 @@ def simulate(
                 new = random_tiles(truth, analyst.labels, args.per_round, rng_random)
             analyst.labels.update({i: int(answers[i]) for i in new})
             record = run_and_score(
-                truth, analyst.labels, root / f"{analyst.strategy}{round_index}", extra
+                truth,
+                analyst.labels,
+                root / f"{analyst.strategy}{round_index}",
+                extra,
+                reuse=args.reuse,
             )
             record["new_tiles"] = [int(truth.tiles["tile_id"].iloc[i]) for i in new]
             record["new_changed"] = int(sum(answers[i] == 1 for i in new))
@@ -307,39 +345,54 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def simulations(scenes: list[Scene], args: argparse.Namespace) -> list[tuple[Scene, int]]:
+    """``(scene, seed)`` of each simulation: every --scenes with every --seeds when either is
+    given, else the --runs pairs, in their order."""
+    by_name = {s.name: s for s in scenes}
+    if args.scenes or args.seeds:
+        names = list(by_name) if args.scenes in (None, "all") else args.scenes.split(",")
+        seeds = [int(v) for v in (args.seeds or "0").split(",")]
+        pairs = [(name, seed) for name in names for seed in seeds]
+    else:
+        pairs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.runs.split(",")]
+    return [(by_name[name], seed) for name, seed in pairs if name in by_name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"scene:seed pairs ({DEFAULT_RUNS})")
     parser.add_argument(
-        "--scenes", default=",".join(DEFAULT_SCENES), help="comma-separated scene names, or all"
+        "--scenes", help="comma-separated scene names, or all (with --seeds: instead of --runs)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="labelling rounds (3)")
+    parser.add_argument("--rounds", type=int, default=2, help="labelling rounds (2)")
     parser.add_argument("--per-round", type=int, default=8, help="tiles labelled a round (8)")
     parser.add_argument(
         "--seed-tiles", type=int, default=4, help="changed and unchanged tiles to start with (4+4)"
     )
-    parser.add_argument("--seeds", default="0", help="comma-separated random seeds (0)")
+    parser.add_argument("--seeds", help="comma-separated random seeds (with --scenes; 0)")
     parser.add_argument(
         "--full-kd", action="store_true", help="run the chain's exact defaults (slower)"
     )
+    parser.add_argument(
+        "--reuse", action="store_true", help="score finished runs on the same labels again"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    scenes = find_scenes(args.data)
-    if args.scenes != "all":
-        wanted = args.scenes.split(",")
-        scenes = sorted((s for s in scenes if s.name in wanted), key=lambda s: wanted.index(s.name))
-    if not scenes:
-        print("no scene to run; check --data and --scenes")
+    jobs = simulations(find_scenes(args.data), args)
+    if not jobs:
+        print("no scene to run; check --data, --runs and --scenes")
         return 2
     extra = [] if args.full_kd else list(CHEAP_RUN)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
-    for scene in scenes:
-        truth = scene_truth(scene)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(simulate(truth, seed, args, extra))
+    truths: dict[str, SceneTruth] = {}
+    for scene, seed in jobs:
+        if scene.name not in truths:
+            truths[scene.name] = scene_truth(scene)
+        results.append(simulate(truths[scene.name], seed, args, extra))
     record = {
         "benchmark": "active_learning",
         "data": str(args.data.absolute()),

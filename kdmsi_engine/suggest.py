@@ -332,6 +332,69 @@ def suggestion_frame(
     return gpd.GeoDataFrame(columns, geometry=picked.geometry.to_numpy(), crs=candidates.crs)
 
 
+def ranked_candidates(
+    raster: Path,
+    spec: float | str,
+    *,
+    labels: Any,
+    label_field: str,
+    tile_size: int,
+    overlap: int,
+    band: int,
+    min_valid_fraction: float,
+    progress: Progress,
+) -> tuple[gpd.GeoDataFrame, np.ndarray, dict[str, int], Threshold]:
+    """The unlabelled tiles of ``raster``, their change shares, the tile counts and the
+    threshold; raises on a bad raster or labels, or when no tile is left unlabelled."""
+    with open_raster(raster, "probability raster") as src:
+        if not 1 <= int(band) <= src.count:
+            raise InputError(f"{raster.name} has {src.count} band(s); band {band} asked for")
+        grid = Grid.from_dataset(src)
+        check_scene_fits(grid, tile_size)
+        features = label_features(labels, grid, label_field, progress)
+        tiles = valid_tiles(src, grid, tile_size, overlap, band, min_valid_fraction, progress)
+        tiles["label"] = (
+            assign_tile_labels(tiles, features, field=label_field)
+            if features is not None
+            else np.full(len(tiles), UNLABELLED, dtype=np.int8)
+        )
+        counts = label_counts(tiles["label"])
+        candidates = tiles[tiles["label"] == UNLABELLED]
+        if candidates.empty:
+            raise LabelError(
+                f"every tile is labelled ({counts['changed']} changed, {counts['unchanged']} "
+                "unchanged): there is nothing left to suggest; run the chain"
+            )
+        progress.stage("threshold", message=str(spec))
+        threshold = resolve_threshold(raster, spec, tiles, band)
+        progress.stage("rank", message=f"{len(candidates)} unlabelled tiles")
+        shares = change_shares(src, candidates, threshold.value, band)
+    return candidates, shares, counts, threshold
+
+
+def choose_suggestions(
+    candidates: gpd.GeoDataFrame,
+    shares: np.ndarray,
+    count: int,
+    min_gap: float,
+    tile_size: int,
+    progress: Progress,
+) -> gpd.GeoDataFrame:
+    """The suggestions layer: the candidates ranked by :func:`uncertainty`, spaced."""
+    scores = uncertainty(shares)
+    windows = candidates[["row_off", "col_off", "height", "width"]].to_numpy(dtype=np.int64)
+    order = rank_order(scores, candidates["tile_id"].to_numpy())
+    chosen = spaced_selection(order, windows, count, int(np.ceil(min_gap * tile_size)))
+    if len(candidates) < count:
+        progress.log(f"only {len(candidates)} tiles are unlabelled; all are suggested")
+    elif len(chosen) < count:
+        progress.log(
+            f"only {len(chosen)} of {count} tiles fit {min_gap:g} tile width(s) apart among "
+            f"{len(candidates)} unlabelled tiles; lower the minimum gap for more"
+        )
+    return suggestion_frame(candidates, chosen, scores, shares)
+
+
 def suggest_tiles(
     probability: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -362,7 +425,7 @@ def suggest_tiles(
         overlap: tile overlap in pixels (as the grid was made).
         threshold: the map's decision threshold: ``auto`` (the run's, else Otsu's), ``otsu``,
             ``unchanged-q`` (the final map's quantile on the unchanged tiles) or a number.
-        min_gap: tile widths kept free between any two suggestions (0: adjacent allowed).
+        min_gap: tile widths kept free between any two suggestions (0: no rule).
         min_valid_fraction: tiles with fewer valid pixels are left out (as in ``kdmsi run``).
         band: the raster's band.
         overwrite: replace an existing output.
@@ -383,40 +446,18 @@ def suggest_tiles(
         raise OutputError(f"suggestions are written as a GeoPackage (.gpkg), not {target.name}")
     size = int(tile_size or grid_tile_size(labels) or defaults.TILE_SIZE)
     check_tile_params(size, overlap)
-    raster = Path(probability)
-    with open_raster(raster, "probability raster") as src:
-        if not 1 <= int(band) <= src.count:
-            raise InputError(f"{raster.name} has {src.count} band(s); band {band} asked for")
-        grid = Grid.from_dataset(src)
-        check_scene_fits(grid, size)
-        features = label_features(labels, grid, label_field, progress)
-        tiles = valid_tiles(src, grid, size, overlap, band, min_valid_fraction, progress)
-        tiles["label"] = (
-            assign_tile_labels(tiles, features, field=label_field)
-            if features is not None
-            else np.full(len(tiles), UNLABELLED, dtype=np.int8)
-        )
-        counts = label_counts(tiles["label"])
-        candidates = tiles[tiles["label"] == UNLABELLED]
-        if candidates.empty:
-            raise LabelError(
-                f"every tile is labelled ({counts['changed']} changed, {counts['unchanged']} "
-                "unchanged): there is nothing left to suggest; run the chain"
-            )
-        progress.stage("threshold", message=str(spec))
-        chosen_threshold = resolve_threshold(raster, spec, tiles, band)
-        progress.stage("rank", message=f"{len(candidates)} unlabelled tiles")
-        shares = change_shares(src, candidates, chosen_threshold.value, band)
-    scores = uncertainty(shares)
-    windows = candidates[["row_off", "col_off", "height", "width"]].to_numpy(dtype=np.int64)
-    order = rank_order(scores, candidates["tile_id"].to_numpy())
-    chosen = spaced_selection(order, windows, int(count), int(np.ceil(min_gap * size)))
-    if len(chosen) < count:
-        progress.log(
-            f"only {len(chosen)} of {count} tiles fit {min_gap:g} tile width(s) apart among "
-            f"{len(candidates)} unlabelled tiles; lower the minimum gap for more"
-        )
-    frame = suggestion_frame(candidates, chosen, scores, shares)
+    candidates, shares, counts, chosen_threshold = ranked_candidates(
+        Path(probability),
+        spec,
+        labels=labels,
+        label_field=label_field,
+        tile_size=size,
+        overlap=overlap,
+        band=band,
+        min_valid_fraction=min_valid_fraction,
+        progress=progress,
+    )
+    frame = choose_suggestions(candidates, shares, int(count), min_gap, size, progress)
     progress.stage("write", message=str(target))
     with atomic_output(target, overwrite=overwrite) as tmp:
         write_vector(frame, tmp, target, driver="GPKG", layer=SUGGEST_LAYER, schema=SUGGEST_SCHEMA)
