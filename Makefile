@@ -24,7 +24,7 @@ for name in ("numpy", "shapely", "rasterio", "pyproj", "geopandas", "pandas", "f
 endef
 export PIN_SYSTEM_PACKAGES
 
-.PHONY: setup test lint demo bench bench-distributed accuracy ablation package clean
+.PHONY: setup test lint demo bench bench-distributed accuracy ablation active-learning package clean
 
 setup: $(STAMP)
 
@@ -67,8 +67,11 @@ accuracy: setup
 ablation: setup
 	$(PY) -m benchmarks.ablation
 
+active-learning: setup
+	$(PY) -m benchmarks.active_learning
+
 package: setup
 	$(PY) -m scripts.package
 
 clean:
-	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output
+	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output active-learning-output

@@ -190,3 +190,12 @@ def parse_scales(
             f"{MSI_SCALES_TEXT}"
         )
     return values
+
+
+# ----------------------------------------------------------------------------- tiles to label next
+#: ``kdmsi suggest``: how many unlabelled tiles to suggest at a time (a few minutes of labelling).
+SUGGEST_COUNT = 10
+#: Tile widths kept free between any two suggestions, so they are not one blob's neighbours.
+SUGGEST_MIN_GAP = 1
+#: The map's decision threshold: ``auto`` is the run's own (its ``run.json``), else Otsu's.
+SUGGEST_THRESHOLD = "auto"
