@@ -144,9 +144,15 @@ def spaced_selection(
 def check_parameters(count: int, min_gap: float, min_valid_fraction: float) -> None:
     """Raise :class:`InputError` for a bad number of tiles, gap or valid fraction."""
     if int(count) != count or count < 1:
-        raise InputError(f"number of tiles {count} must be a whole number of at least 1, e.g. 10")
+        raise InputError(
+            f"number of tiles {count} must be a whole number of at least 1, e.g. 10",
+            parameters=("count",),
+        )
     if not np.isfinite(min_gap) or min_gap < 0:
-        raise InputError(f"minimum gap {min_gap} must be 0 or more tile widths, e.g. 1")
+        raise InputError(
+            f"minimum gap {min_gap} must be 0 or more tile widths, e.g. 1",
+            parameters=("min_gap",),
+        )
     if not 0.0 <= float(min_valid_fraction) <= 1.0:
         raise InputError(f"minimum valid fraction {min_valid_fraction} must be between 0 and 1")
 
@@ -196,7 +202,8 @@ def resolve_threshold(
         if unchanged_tiles.empty:
             raise LabelError(
                 "threshold unchanged-q needs tiles labelled unchanged; label some, or use "
-                "--threshold auto, otsu or a number"
+                "threshold auto, otsu or a number",
+                parameters=("threshold",),
             )
         unchanged = _tile_mask(unchanged_tiles)
     value = raster_threshold(
