@@ -35,13 +35,14 @@ from qgis.core import (
 )
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt import sip
-from qgis.PyQt.QtCore import QCoreApplication, pyqtSignal
+from qgis.PyQt.QtCore import QCoreApplication, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QTextCursor
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDockWidget,
     QFormLayout,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -172,6 +173,8 @@ class KdmsiDock(QDockWidget):
         self._suggest_tile_size(self.before_combo.currentLayer())
         QgsProject.instance().legendLayersAdded.connect(self._pick_pair)
         self._find_checkpoints()
+        if self.iface is not None and hasattr(self.iface, "messageBar"):
+            self.iface.messageBar().widgetAdded.connect(self._drop_task_notice)
 
     # ------------------------------------------------------------------ layout
 
@@ -322,8 +325,8 @@ class KdmsiDock(QDockWidget):
         form.addRow("", self.env_button)
         return engine
 
-    def _build_steps(self, body: QWidget) -> QHBoxLayout:
-        buttons = QHBoxLayout()
+    def _build_steps(self, body: QWidget) -> QGridLayout:
+        buttons = QGridLayout()
         self.preview_button = QPushButton(tr("Quick preview"), body)
         self.preview_button.setToolTip(
             tr("Quick change preview (no training): change vector analysis with Otsu's threshold")
@@ -347,8 +350,9 @@ class KdmsiDock(QDockWidget):
             self.detect_button,
             self.run_button,
         )
-        for button in self.step_buttons:
-            buttons.addWidget(button)
+        for index, button in enumerate(self.step_buttons):
+            # two rows: the panel stays narrow enough for the side of the window
+            buttons.addWidget(button, index // 3, index % 3)
         self.preview_button.clicked.connect(self.quick_preview)
         self.grid_button.clicked.connect(self.create_grid)
         self.train_button.clicked.connect(self.train)
@@ -718,6 +722,8 @@ class KdmsiDock(QDockWidget):
         self.stop_labelling()
         try:
             QgsProject.instance().legendLayersAdded.disconnect(self._pick_pair)
+            if self.iface is not None and hasattr(self.iface, "messageBar"):
+                self.iface.messageBar().widgetAdded.disconnect(self._drop_task_notice)
         except TypeError:
             pass
 
@@ -925,9 +931,8 @@ class KdmsiDock(QDockWidget):
         self.field_combo.setField(field_name)
         grid = labeltool.GridLabels(layer, field_name)
         grid.countsChanged.connect(self._show_counts)
-        stack = layer.undoStack()
-        stack.canUndoChanged.connect(self._update_label_buttons)
-        stack.canRedoChanged.connect(self._update_label_buttons)
+        grid.stack.canUndoChanged.connect(self._update_label_buttons)
+        grid.stack.canRedoChanged.connect(self._update_label_buttons)
         self.grid_labels = grid
         self._was_ready = grid.counts().ready
         self._show_counts(grid.counts())
@@ -963,7 +968,7 @@ class KdmsiDock(QDockWidget):
                 canvas.unsetMapTool(tool)
         if grid is not None and not sip.isdeleted(grid.layer):
             layer = grid.layer
-            for signal in (layer.undoStack().canUndoChanged, layer.undoStack().canRedoChanged):
+            for signal in (grid.stack.canUndoChanged, grid.stack.canRedoChanged):
                 try:
                     signal.disconnect(self._update_label_buttons)
                 except TypeError:
@@ -984,14 +989,14 @@ class KdmsiDock(QDockWidget):
     def _label_stack(self, action: str) -> None:
         if self.grid_labels is None:
             return
-        stack = self.grid_labels.layer.undoStack()
+        stack = self.grid_labels.stack
         try:
             stack.undo() if action == "undo" else stack.redo()
         except OSError as exc:
             self._message(str(exc), warning=True)
 
     def _update_label_buttons(self, *_args: Any) -> None:
-        stack = self.grid_labels.layer.undoStack() if self.grid_labels is not None else None
+        stack = self.grid_labels.stack if self.grid_labels is not None else None
         self.undo_button.setEnabled(stack is not None and stack.canUndo())
         self.redo_button.setEnabled(stack is not None and stack.canRedo())
 
@@ -1032,6 +1037,16 @@ class KdmsiDock(QDockWidget):
         self.log_view.appendPlainText(text)
         self.log_view.moveCursor(QTextCursor.MoveOperation.End)
         self.log_view.ensureCursorVisible()
+
+    def _drop_task_notice(self, item: Any) -> None:
+        """QGIS announces the end of a long task in the message bar by the task's name; the
+        dock says how its own tasks ended, and QGIS's notice would come back after the dock's
+        message expires (a stale 'Task failed' a minute later), so it goes."""
+        descriptions = self.runner.descriptions | {tr("KD-MSI: check environment")}
+        if item is self._message_item or item.text() not in descriptions:
+            return
+        bar = self.iface.messageBar()
+        QTimer.singleShot(0, lambda: None if sip.isdeleted(item) else bar.popWidget(item))
 
     def _message(self, text: str, *, warning: bool) -> None:
         """Log ``text`` and show it in the message bar, replacing this dock's last message (an

@@ -32,6 +32,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMapTool, QgsRubberBand
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QCoreApplication, QObject, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QKeyEvent
 from qgis.PyQt.QtWidgets import QUndoCommand
@@ -141,10 +142,15 @@ class GridLabels(QObject):
         self.index = QgsSpatialIndex()
         self.boxes: dict[int, QgsRectangle] = {}
         self.values: dict[int, int | None] = {}
+        # One wrapper of the layer's stack for our lifetime: the commands pushed through a
+        # temporary wrapper die with it on the Python side, and the stack would then call
+        # QUndoCommand's empty undo() instead of ours.
+        self.stack = layer.undoStack()
+        self._commands: list[LabelCommand] = []
         self.reload()
         layer.afterCommitChanges.connect(self.reload)
         layer.afterRollBack.connect(self.reload)
-        layer.undoStack().indexChanged.connect(self._keep_clean)
+        self.stack.indexChanged.connect(self._keep_clean)
 
     def can_write(self) -> bool:
         capabilities = self.layer.dataProvider().capabilities()
@@ -232,7 +238,9 @@ class GridLabels(QObject):
             self.layer.startEditing()
         what = {CHANGED: tr("changed"), UNCHANGED: tr("unchanged"), CLEAR: tr("not labelled")}
         text = tr("Mark {} tile(s) {}").format(len(changes), what[value])
-        self.layer.undoStack().push(LabelCommand(self, changes, text))
+        command = LabelCommand(self, changes, text)
+        self._commands = [c for c in self._commands if not sip.isdeleted(c)] + [command]
+        self.stack.push(command)
         return len(changes)
 
     def write(self, values: dict[int, int | None]) -> None:
@@ -255,7 +263,9 @@ class GridLabels(QObject):
     def _keep_clean(self, _index: int) -> None:
         """Our steps are saved already: while the stack holds only them, nothing is unsaved
         (QGIS then neither shows the layer as modified nor asks to save it)."""
-        stack = self.layer.undoStack()
+        if sip.isdeleted(self.stack):  # the stack empties as its layer goes
+            return
+        stack = self.stack
         ours = all(isinstance(stack.command(i), LabelCommand) for i in range(stack.count()))
         if ours and not stack.isClean():
             stack.setClean()
@@ -369,11 +379,13 @@ class TileLabelTool(QgsMapTool):
             return
         if self._band is None:
             self._band = QgsRubberBand(self.canvas(), QgsWkbTypes.GeometryType.PolygonGeometry)
+            # a dashed outline: the tiles of a gesture still in progress
             colour = QColor(PAINT_COLOURS[self._value])
             self._band.setStrokeColor(colour)
-            colour.setAlpha(90)
+            self._band.setLineStyle(Qt.PenStyle.DashLine)
+            colour.setAlpha(120)
             self._band.setFillColor(colour)
-            self._band.setWidth(2)
+            self._band.setWidth(3)
         for fid in new:
             self._painted.append(fid)
             self._band.addGeometry(self.grid.tile_geometry(fid), self.grid.layer)

@@ -176,6 +176,8 @@ class ChainRunner(QObject):
         self._algorithm: QgsProcessingAlgorithm | None = None
         self._current: Step | None = None
         self._cancelled = False
+        #: Descriptions of the tasks this runner started (QGIS announces long tasks by them).
+        self.descriptions: set[str] = set()
 
     def is_running(self) -> bool:
         return self._current is not None
@@ -234,6 +236,7 @@ class ChainRunner(QObject):
         if task.isCanceled():  # prepareAlgorithm refused
             self._finish(False, feedback.last_error or tr("the algorithm could not start"))
             return
+        self.descriptions.add(task.description())
         task.executed.connect(self._step_done)
         QgsApplication.taskManager().addTask(task)
 
