@@ -36,7 +36,6 @@ from qgis.core import (
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QCoreApplication, QTimer, pyqtSignal
-from qgis.PyQt.QtGui import QTextCursor
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -192,6 +191,11 @@ class KdmsiDock(QDockWidget):
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
         self.log_view.setMinimumHeight(self.log_view.fontMetrics().lineSpacing() * LOG_LINES + 12)
+        # the log follows its end, unless the user scrolled up to read
+        self._follow_log = True
+        log_bar = self.log_view.verticalScrollBar()
+        log_bar.rangeChanged.connect(self._log_range_changed)
+        log_bar.valueChanged.connect(self._log_scrolled)
         column.addWidget(self.log_view, 1)
         # in a scroll area the fields keep their height however short the dock is
         scroll = QScrollArea(self)
@@ -1035,8 +1039,16 @@ class KdmsiDock(QDockWidget):
 
     def _log(self, text: str) -> None:
         self.log_view.appendPlainText(text)
-        self.log_view.moveCursor(QTextCursor.MoveOperation.End)
-        self.log_view.ensureCursorVisible()
+        if self._follow_log:
+            bar = self.log_view.verticalScrollBar()
+            bar.setValue(bar.maximum())
+
+    def _log_range_changed(self, _minimum: int, maximum: int) -> None:
+        if self._follow_log:
+            self.log_view.verticalScrollBar().setValue(maximum)
+
+    def _log_scrolled(self, value: int) -> None:
+        self._follow_log = value >= self.log_view.verticalScrollBar().maximum()
 
     def _drop_task_notice(self, item: Any) -> None:
         """QGIS announces the end of a long task in the message bar by the task's name; the

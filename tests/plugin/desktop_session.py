@@ -29,6 +29,7 @@ from qgis.core import (
     QgsProject,
     QgsRasterLayer,
     QgsRasterMinMaxOrigin,
+    QgsRectangle,
 )
 from qgis.PyQt.QtCore import QPoint, Qt, QTimer
 from qgis.PyQt.QtTest import QTest
@@ -154,6 +155,32 @@ class Session:
         QTest.mouseClick(self.canvas.viewport(), button, modifier, self.pixel(fid))
         pause()
 
+    def drag_closeup(self) -> None:
+        """Zoomed in, a drag in progress over tiles not labelled yet (its dashed preview)."""
+        values = saved_labels(self.grid_path)
+        for row in (3, 2, 4, 1):  # a middle row, so the image fills the view
+            path = [self.tile(row, col) for col in range(1, 4)]
+            if all(values[fid] is None for fid in path):
+                break
+        extent = QgsRectangle(self.grid.boxes[path[0]])
+        for fid in path[1:]:
+            extent.combineExtentWith(self.grid.boxes[fid])
+        self.canvas.setExtent(extent.buffered(extent.height() * 0.8))
+        view = self.canvas.extent()  # widened to the canvas's shape
+        whole = self.grid.layer.extent()
+        # moved inside the image, so that no blank shows around it
+        dx = max(whole.xMinimum() - view.xMinimum(), 0) - max(view.xMaximum() - whole.xMaximum(), 0)
+        dy = max(whole.yMinimum() - view.yMinimum(), 0) - max(view.yMaximum() - whole.yMaximum(), 0)
+        view = QgsRectangle(
+            view.xMinimum() + dx, view.yMinimum() + dy, view.xMaximum() + dx, view.yMaximum() + dy
+        )
+        self.canvas.setExtent(view)
+        self.canvas.refresh()
+        wait_for(lambda: not self.canvas.isDrawing(), 30)
+        self.drag(path, Qt.MouseButton.LeftButton, shot="label_tiles_drag.png")
+        self.result["closeup"] = path
+        self.canvas.setExtent(self.grid.layer.extent())
+
     def drag(self, path: list[int], button: Qt.MouseButton, shot: str = "") -> None:
         """Press on the first tile, move the pointer through the others, release on the last
         (QTest moves the real pointer of the X server: the canvas gets motion events)."""
@@ -164,7 +191,7 @@ class Session:
             QTest.mouseMove(viewport, self.pixel(fid))
             pause()
         if shot:
-            self.screenshot(shot)
+            self.screenshot(shot, self.canvas)
         QTest.mouseRelease(viewport, button, Qt.KeyboardModifier.NoModifier, self.pixel(path[-1]))
         pause()
 
@@ -234,7 +261,7 @@ class Session:
             self.click(fid, Qt.MouseButton.RightButton)
         self.result["analyst"] = {"changed": len(changed[:6]), "unchanged": len(unchanged[:5])}
 
-    def screenshot(self, name: str) -> None:
+    def screenshot(self, name: str, widget: Any = None) -> None:
         SHOTS.mkdir(parents=True, exist_ok=True)
         self.canvas.refresh()
         wait_for(lambda: not self.canvas.isDrawing(), 30)
@@ -242,7 +269,7 @@ class Session:
         texts = _visible_texts(iface.mainWindow())
         leaks = [t for t in texts if "/" in t and any(p in t for p in _MACHINE_PATHS)]
         self.result.setdefault("path_leaks", []).extend(leaks)
-        image = iface.mainWindow().grab()
+        image = (widget or iface.mainWindow()).grab()
         image.save(str(SHOTS / name))
         self.result.setdefault("screenshots", []).append(name)
 
@@ -256,8 +283,7 @@ class Session:
         self.gestures()
         self.result["stage"] = "screenshots"
         self.label_like_an_analyst()
-        row = [self.tile(5, col) for col in range(1, 4)]
-        self.drag(row, Qt.MouseButton.RightButton, shot="label_tiles_drag.png")
+        self.drag_closeup()
         self.screenshot("label_tiles.png")
         self.result["advice"] = self.dock.advice_label.text()
         bar = iface.messageBar()

@@ -268,9 +268,12 @@ def test_dock_run_all_shows_the_answer_first(dock, project_layers) -> None:
     for name in intermediate:
         assert name in layers and not visible(layers[name]), name
     assert visible(project_layers["after"])
-    # the trust report: agreement with the weak labels, in the log
+    # the trust report: agreement with the weak labels, in the log, which shows its end
     assert "agrees with" in dock.log_view.toPlainText()
     assert 0 <= result.outputs["trust"]["tile_agreement"] <= 1
+    bar = dock.log_view.verticalScrollBar()
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()
+    assert dock.log_view.minimumHeight() >= 12 * dock.log_view.fontMetrics().lineSpacing()
     names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
     assert names.index("Change polygons") < names.index("Change probability")
     assert not dock.resume_box.isVisibleTo(dock)  # finished trainings leave no checkpoint
