@@ -163,6 +163,7 @@ class KdmsiDock(QDockWidget):
         self.grid_labels: labeltool.GridLabels | None = None
         self.label_tool: labeltool.TileLabelTool | None = None
         self._label_after_grid = False
+        self._started_editing = False
         self._was_ready = False
         self._message_item: Any = None
         self._tile_suggested = True
@@ -911,8 +912,8 @@ class KdmsiDock(QDockWidget):
             return current
         path = self._output_folder() / GRID_NAME
         for layer in QgsProject.instance().mapLayers().values():
-            source = layer.source().split("|", 1)[0]
-            if labeltool.is_grid_layer(layer) and Path(source) == path:
+            source = Path(layer.source().split("|", 1)[0])
+            if labeltool.is_grid_layer(layer) and source.resolve() == path.resolve():
                 return layer
         if path.is_file():
             self._log(tr("Labelling the existing grid {}").format(path))
@@ -940,8 +941,8 @@ class KdmsiDock(QDockWidget):
         self.grid_labels = grid
         self._was_ready = grid.counts().ready
         self._show_counts(grid.counts())
-        if not layer.isEditable():
-            layer.startEditing()
+        # in editing mode QGIS's Undo and Redo act on the layer's stack (our gestures)
+        self._started_editing = not layer.isEditable() and layer.startEditing()
         layer.willBeDeleted.connect(self.stop_labelling)
         canvas = self._canvas()
         if canvas is None:
@@ -972,13 +973,19 @@ class KdmsiDock(QDockWidget):
                 canvas.unsetMapTool(tool)
         if grid is not None and not sip.isdeleted(grid.layer):
             layer = grid.layer
-            for signal in (grid.stack.canUndoChanged, grid.stack.canRedoChanged):
+            for signal, slot in (
+                (grid.stack.canUndoChanged, self._update_label_buttons),
+                (grid.stack.canRedoChanged, self._update_label_buttons),
+                (layer.willBeDeleted, self.stop_labelling),
+            ):
                 try:
-                    signal.disconnect(self._update_label_buttons)
+                    signal.disconnect(slot)
                 except TypeError:
                     pass
-            if layer.isEditable() and not layer.isModified():
+            # leave the editing mode we started (the user's own edits, if any, stay open)
+            if self._started_editing and layer.isEditable() and not layer.isModified():
                 layer.commitChanges()
+            self._started_editing = False
         if self.label_button.isChecked():
             self.label_button.blockSignals(True)
             self.label_button.setChecked(False)
