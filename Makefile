@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KDMSI := $(VENV)/bin/kdmsi
 STAMP := $(VENV)/.kdmsi-setup-done
-APT_PACKAGES := qgis python3-qgis python3-rasterio python3-geopandas python3-shapely python3-venv gdal-bin
+APT_PACKAGES := qgis python3-qgis python3-rasterio python3-geopandas python3-shapely python3-venv gdal-bin xvfb
 # On a CUDA machine, override with e.g. `make setup TORCH_SPEC="torch==2.13.0"` from a CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 export QT_QPA_PLATFORM ?= offscreen

@@ -85,6 +85,12 @@ NEW_LAYER_LR_MULT = 10.0
 
 # ----------------------------------------------------------------------------- stage 1: KD-MSI
 TILE_SIZE = 256
+#: The QGIS dock starts at this tile size for imagery with pixels of ``COARSE_PIXEL_M`` metres or
+#: more (10-30 m Landsat / Sentinel-2: 64 px is 0.6-2 km, see above), at ``TILE_SIZE`` else.
+COARSE_TILE_SIZE = 64
+COARSE_PIXEL_M = 5.0
+#: ... and halves it until the image holds this many tiles a side.
+MIN_TILES_PER_SIDE = 3
 KD_EPOCHS = 4
 KD_BATCH_SIZE = 8
 KD_LR = 0.001
@@ -103,6 +109,8 @@ UNCHANGED_QUANTILE = 0.99
 #: Share of the unchanged tiles kept out of the detector's training to calibrate the final map
 #: (its probabilities on tiles it was trained on are too low to bound false positives).
 CALIBRATION_FRACTION = 0.2
+#: Fewest unchanged tiles from which some are held out for that calibration (below it, none).
+MIN_HELD_OUT_UNCHANGED = 5
 
 # ----------------------------------------------------------------------------- stage 2: detector
 DETECTOR_EPOCHS = 10

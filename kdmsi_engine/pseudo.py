@@ -120,11 +120,12 @@ class TileLabels:
         """Bool per tile: a random ``fraction`` of the unchanged tiles, kept out of the
         detector's training to calibrate the final map's threshold.
 
-        At least one tile when there are five or more unchanged tiles, none below; the choice
-        depends only on ``seed`` and the labels.
+        At least one tile when there are ``defaults.MIN_HELD_OUT_UNCHANGED`` or more unchanged
+        tiles, none below; the choice depends only on ``seed`` and the labels.
         """
         members = np.flatnonzero(self.label == 0)
-        count = max(int(round(fraction * members.size)), 1) if members.size >= 5 else 0
+        enough = members.size >= defaults.MIN_HELD_OUT_UNCHANGED
+        count = max(int(round(fraction * members.size)), 1) if enough else 0
         out = np.zeros(self.label.size, dtype=bool)
         out[np.random.default_rng(seed).choice(members, size=count, replace=False)] = True
         return out
