@@ -71,15 +71,15 @@ LOG_LINES = 12
 #: Longest text in the one-line stage label (the log has the whole of it).
 STAGE_CHARS = 110
 #: What the dock calls the engine's command-line options in its messages.
+#: The engine describes its parameters in words; these name the dock's own box and button.
 FLAG_WORDS = (
     (
-        re.compile(r"pass --overwrite to replace it"),
-        "tick 'Replace existing outputs' to replace it",
+        re.compile(r"choose another name or allow replacing it"),
+        "choose another folder or tick 'Replace existing outputs'",
     ),
-    (re.compile(r"run again without --resume"), "delete the checkpoint and run again"),
-    (re.compile(r"--resume: "), ""),
-    (re.compile(r"--overwrite"), "'Replace existing outputs'"),
-    (re.compile(r"--resume"), "Resume"),
+    (re.compile(r"run again without resume"), "delete the checkpoint and run again"),
+    (re.compile(r"^resume: "), ""),
+    (re.compile(r"again with resume to continue"), "again with Resume to continue"),
 )
 GRID_NAME = "labelling_grid.gpkg"
 #: Algorithms that train, keep a checkpoint and can resume from it.

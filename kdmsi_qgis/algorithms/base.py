@@ -457,8 +457,23 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
                 self.tr("Cancelled: the worker was stopped and no output of this step was written")
             )
         if not result.success:
-            raise QgsProcessingException(result.error)
+            raise QgsProcessingException(self.error_text(result.error, result.error_parameters))
         return result.result
+
+    def error_text(self, message: str, parameters: list[str]) -> str:
+        """The engine's message, naming the dialog's fields it is about.
+
+        The engine names its parameters by keyword (``tile_size``); an algorithm's parameter
+        of the same name in capitals (``TILE_SIZE``) is the field the user filled in.
+        """
+        fields = []
+        for name in parameters:
+            definition = self.parameterDefinition(name.upper())
+            if definition is not None:
+                fields.append(definition.description())
+        if not fields:
+            return message
+        return self.tr("{} (see: {})").format(message, "; ".join(fields))
 
     def add_to_load(
         self,
