@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KDMSI := $(VENV)/bin/kdmsi
 STAMP := $(VENV)/.kdmsi-setup-done
-APT_PACKAGES := qgis python3-qgis python3-rasterio python3-geopandas python3-shapely python3-venv gdal-bin
+APT_PACKAGES := qgis python3-qgis python3-rasterio python3-geopandas python3-shapely python3-venv gdal-bin xvfb
 # On a CUDA machine, override with e.g. `make setup TORCH_SPEC="torch==2.13.0"` from a CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 export QT_QPA_PLATFORM ?= offscreen
@@ -24,7 +24,7 @@ for name in ("numpy", "shapely", "rasterio", "pyproj", "geopandas", "pandas", "f
 endef
 export PIN_SYSTEM_PACKAGES
 
-.PHONY: setup test lint demo bench bench-distributed bench-cluster accuracy ablation package clean
+.PHONY: setup test lint demo bench bench-distributed bench-cluster accuracy ablation active-learning package clean
 
 setup: $(STAMP)
 
@@ -70,8 +70,11 @@ accuracy: setup
 ablation: setup
 	$(PY) -m benchmarks.ablation
 
+active-learning: setup
+	$(PY) -m benchmarks.active_learning
+
 package: setup
 	$(PY) -m scripts.package
 
 clean:
-	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output
+	rm -rf dist build .pytest_cache demo-output bench-output detector-eval-output ablation-output accuracy-output active-learning-output

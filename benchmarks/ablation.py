@@ -40,7 +40,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.inference.maps import cam_map, multiscale_maps, student_map
 from kdmsi_engine.progress import BarReporter, Progress
-from kdmsi_engine.training.kd import fit_kdmsi
+from kdmsi_engine.training.kd import KDConfig, fit_kdmsi
 from kdmsi_engine.training.losses import train_step
 from kdmsi_engine.training.samples import TileStore, TrainingSet, folder_training_set
 
@@ -255,9 +255,7 @@ def run_config(
             )
             epochs = max(1, fit)
     started = time.monotonic()
-    result = fit_kdmsi(
-        tset,
-        out=None,
+    kd_config = KDConfig(
         backbone=config["backbone"],
         weights=config["weights"],
         epochs=epochs,
@@ -266,10 +264,9 @@ def run_config(
         kd_weight=config["kd_weight"],
         seed=config["seed"],
         augment=config["augment"],
-        device=device,
         precision=config["precision"],
-        progress=progress,
     )
+    result = fit_kdmsi(tset, kd_config, out=None, device=device, progress=progress)
     train_seconds = time.monotonic() - started
     started = time.monotonic()
     nets = result["networks"]

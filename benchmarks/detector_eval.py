@@ -142,18 +142,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fit_student(fit_kdmsi: Any, tset: Any, student_path: Path, args: Any, progress: Any) -> dict:
+    from kdmsi_engine.training.kd import KDConfig
+
+    config = KDConfig(
+        backbone=args.backbone, weights="imagenet", epochs=args.kd_epochs, seed=args.seed
+    )
     return fit_kdmsi(
-        tset,
-        out=student_path,
-        backbone=args.backbone,
-        weights="imagenet",
-        epochs=args.kd_epochs,
-        batch_size=8,
-        lr=0.001,
-        seed=args.seed,
-        device="cpu",
-        overwrite=True,
-        progress=progress,
+        tset, config, out=student_path, device="cpu", overwrite=True, progress=progress
     )
 
 

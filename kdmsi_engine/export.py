@@ -540,6 +540,7 @@ def export_detector(
         InputError / RasterError / OutputError / KdmsiError: bad options, rasters or outputs,
             or the export packages missing. Nothing is written then.
     """
+    # Longer than 80 lines: the job's documented parameters; each step is a helper below.
     progress = progress or Progress()
     source = Path(model)
     target = check_output(output, overwrite=overwrite)

@@ -128,6 +128,7 @@ def fuse_maps(
         ``output``, ``maps``, the gate, ``calibration_pixels`` and, per map, the value at which
         its rate on the calibration pixels falls to 1 % (and for the gate, to ``gate_rate``).
     """
+    # Longer than 80 lines: its documented parameters; one streaming pass over the strips.
     from contextlib import ExitStack
 
     from kdmsi_engine.data.grid import Grid

@@ -281,6 +281,7 @@ def evaluate_rasters(
         RasterError: a raster is missing, unreadable, or grids cannot be matched.
         InputError: bad threshold, or a threshold/sweep on a class raster.
     """
+    # Longer than 80 lines: its documented parameters; one streaming pass accumulating confusion counts.
     progress = progress or Progress()
     thresholds: list[float] = []
     if sweep is True:

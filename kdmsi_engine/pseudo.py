@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,11 +120,12 @@ class TileLabels:
         """Bool per tile: a random ``fraction`` of the unchanged tiles, kept out of the
         detector's training to calibrate the final map's threshold.
 
-        At least one tile when there are five or more unchanged tiles, none below; the choice
-        depends only on ``seed`` and the labels.
+        At least one tile when there are ``defaults.MIN_HELD_OUT_UNCHANGED`` or more unchanged
+        tiles, none below; the choice depends only on ``seed`` and the labels.
         """
         members = np.flatnonzero(self.label == 0)
-        count = max(int(round(fraction * members.size)), 1) if members.size >= 5 else 0
+        enough = members.size >= defaults.MIN_HELD_OUT_UNCHANGED
+        count = max(int(round(fraction * members.size)), 1) if enough else 0
         out = np.zeros(self.label.size, dtype=bool)
         out[np.random.default_rng(seed).choice(members, size=count, replace=False)] = True
         return out
@@ -265,8 +267,8 @@ def make_pseudo_labels(
     *,
     labels: Any = None,
     tile_labels: TileLabels | Any | None = None,
-    threshold: float | str = 0.3,
-    label_field: str = "change",
+    threshold: float | str = defaults.PSEUDO_THRESHOLD,
+    label_field: str = defaults.LABEL_FIELD,
     unmarked_unchanged: bool = False,
     tile_size: int | None = None,
     before: str | os.PathLike[str] | None = None,
@@ -288,7 +290,7 @@ def make_pseudo_labels(
         label_field: integer field of ``labels`` (1 changed, 0 unchanged).
         unmarked_unchanged: tiles no feature touches are unchanged instead of unlabelled.
         tile_size: tile size of the labelling (default: the raster's ``KDMSI_TILE_SIZE`` tag,
-            else 256).
+            else the default tile size).
         before, after: the scene pair, to use its tile grid (tiles with little valid data
             dropped, as in training); otherwise the probability raster's grid is tiled.
         quantile: the quantile of the unchanged tiles' values of ``unchanged-q`` and ``auto``.
@@ -302,6 +304,7 @@ def make_pseudo_labels(
         ``{"output", "threshold", "threshold_method", "tiles", "pixels", ...}``; for automatic
         thresholds also ``threshold_info`` (Otsu and quantile values).
     """
+    # Longer than 80 lines: the job's documented parameters; the steps are the helpers below.
     progress = progress or Progress()
     mode = parse_threshold(threshold)
     if labels is None and tile_labels is None:
@@ -324,74 +327,22 @@ def make_pseudo_labels(
                 "the float32 output of 'kdmsi infer'"
             )
         grid = Grid.from_dataset(src)
-        tile = int(tile_size or src.tags().get(TILE_SIZE_TAG) or 256)
-        if tile_labels is None:
-            if before is not None:
-                tiles = _tile_labels_from_scene(
-                    before,
-                    after,
-                    grid,
-                    labels,
-                    tile_size=tile,
-                    field=label_field,
-                    unmarked_unchanged=unmarked_unchanged,
-                    progress=progress,
-                )
-            else:
-                tiles = _tile_labels_from_grid(
-                    grid,
-                    labels,
-                    tile_size=tile,
-                    field=label_field,
-                    unmarked_unchanged=unmarked_unchanged,
-                )
-        elif isinstance(tile_labels, TileLabels):
-            tiles = tile_labels
-        else:
-            tiles = TileLabels.from_frame(tile_labels)
+        tile = int(tile_size or src.tags().get(TILE_SIZE_TAG) or defaults.TILE_SIZE)
+        tiles = _resolve_tiles(
+            tile_labels, labels, grid, tile, before, after, label_field, unmarked_unchanged,
+            progress,
+        )  # fmt: skip
         counts = tiles.counts()
         written = tiles if held_out is None else tiles.without(held_out)
-        nodata = src.nodata
-        strips = list(strip_windows(src.width, src.height))
         info: dict[str, Any] = {}
         with bounded_gdal_cache():
             if isinstance(mode, str):
-                progress.stage("threshold", total=len(strips), message=f"{mode} threshold")
-                edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-                hist_c = np.zeros(HIST_BINS, np.int64)
-                hist_u = np.zeros(HIST_BINS, np.int64)
-                for window in strips:
-                    progress.check_cancelled()
-                    prob = src.read(1, window=window)
-                    valid = valid_values(prob, nodata)
-                    state = tiles.state(int(window.row_off), prob.shape[0], prob.shape[1])
-                    for label, hist in ((1, hist_c), (0, hist_u)):
-                        sel = valid & (state == label)
-                        hist += np.histogram(np.clip(prob[sel], 0, 1), bins=edges)[0]
-                    progress.advance()
-                value, info = choose_threshold(mode, hist_c, hist_u, edges, quantile)
+                value, info = _automatic_threshold(src, tiles, mode, quantile, progress)
             else:
                 value = float(mode)
-            progress.stage("pseudo", total=len(strips), message=f"threshold {value:.3f}")
-            pixel_counts = np.zeros(3, np.int64)
-            with atomic_output(target, overwrite=overwrite) as tmp:
-                with create_geotiff(tmp, grid, dtype="uint8", nodata=CLASS_NODATA) as dst:
-                    for window in strips:
-                        progress.check_cancelled()
-                        prob = src.read(1, window=window)
-                        valid = valid_values(prob, nodata)
-                        state = written.state(int(window.row_off), prob.shape[0], prob.shape[1])
-                        out = pseudo_from_window(prob, state, valid, value)
-                        pixel_counts += [
-                            np.count_nonzero(out == 1),
-                            np.count_nonzero(out == 0),
-                            np.count_nonzero(out == CLASS_NODATA),
-                        ]
-                        dst.write(out, 1, window=window)
-                        progress.advance()
-                    dst.write_colormap(1, CLASS_COLORMAP)
-                    dst.update_tags(KDMSI_THRESHOLD=f"{value:.6g}", KDMSI_TILE_SIZE=str(tile))
-                    add_overviews(dst, "nearest")
+            pixel_counts = _write_pseudo(
+                src, written, value, target, grid, tile, overwrite, progress
+            )
     if counts["changed"] == 0:
         logger.warning("no tile is labelled changed: the pseudo labels hold no change")
     result: dict[str, Any] = {
@@ -410,6 +361,88 @@ def make_pseudo_labels(
     if info:
         result["threshold_info"] = info
     return result
+
+
+def _resolve_tiles(
+    tile_labels: Any,
+    labels: Any,
+    grid: Any,
+    tile: int,
+    before: Any,
+    after: Any,
+    label_field: str,
+    unmarked_unchanged: bool,
+    progress: Progress,
+) -> TileLabels:
+    """The tile labels given, or made from ``labels`` on the scene's (or the raster's) grid."""
+    if isinstance(tile_labels, TileLabels):
+        return tile_labels
+    if tile_labels is not None:
+        return TileLabels.from_frame(tile_labels)
+    if before is not None:
+        return _tile_labels_from_scene(
+            before, after, grid, labels, tile_size=tile, field=label_field,
+            unmarked_unchanged=unmarked_unchanged, progress=progress,
+        )  # fmt: skip
+    return _tile_labels_from_grid(
+        grid, labels, tile_size=tile, field=label_field, unmarked_unchanged=unmarked_unchanged
+    )
+
+
+def _automatic_threshold(
+    src: Any, tiles: TileLabels, mode: str, quantile: float, progress: Progress
+) -> tuple[float, dict[str, Any]]:
+    """``auto`` / ``otsu`` / ``unchanged-q`` from the histograms of the labelled tiles' values."""
+    strips = list(strip_windows(src.width, src.height))
+    progress.stage("threshold", total=len(strips), message=f"{mode} threshold")
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    hist_c = np.zeros(HIST_BINS, np.int64)
+    hist_u = np.zeros(HIST_BINS, np.int64)
+    for window in strips:
+        progress.check_cancelled()
+        prob = src.read(1, window=window)
+        valid = valid_values(prob, src.nodata)
+        state = tiles.state(int(window.row_off), prob.shape[0], prob.shape[1])
+        for label, hist in ((1, hist_c), (0, hist_u)):
+            sel = valid & (state == label)
+            hist += np.histogram(np.clip(prob[sel], 0, 1), bins=edges)[0]
+        progress.advance()
+    return choose_threshold(mode, hist_c, hist_u, edges, quantile)
+
+
+def _write_pseudo(
+    src: Any,
+    written: TileLabels,
+    value: float,
+    target: Path,
+    grid: Any,
+    tile: int,
+    overwrite: bool,
+    progress: Progress,
+) -> np.ndarray:
+    """Write the pseudo labels strip by strip (atomically); pixel counts of 1, 0 and 255."""
+    strips = list(strip_windows(src.width, src.height))
+    progress.stage("pseudo", total=len(strips), message=f"threshold {value:.3f}")
+    pixel_counts = np.zeros(3, np.int64)
+    with atomic_output(target, overwrite=overwrite) as tmp:
+        with create_geotiff(tmp, grid, dtype="uint8", nodata=CLASS_NODATA) as dst:
+            for window in strips:
+                progress.check_cancelled()
+                prob = src.read(1, window=window)
+                valid = valid_values(prob, src.nodata)
+                state = written.state(int(window.row_off), prob.shape[0], prob.shape[1])
+                out = pseudo_from_window(prob, state, valid, value)
+                pixel_counts += [
+                    np.count_nonzero(out == 1),
+                    np.count_nonzero(out == 0),
+                    np.count_nonzero(out == CLASS_NODATA),
+                ]
+                dst.write(out, 1, window=window)
+                progress.advance()
+            dst.write_colormap(1, CLASS_COLORMAP)
+            dst.update_tags(KDMSI_THRESHOLD=f"{value:.6g}", KDMSI_TILE_SIZE=str(tile))
+            add_overviews(dst, "nearest")
+    return pixel_counts
 
 
 def combine_maps(

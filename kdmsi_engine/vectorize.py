@@ -341,6 +341,7 @@ class _State:
         emit: Any,
     ) -> tuple[int, np.ndarray]:
         """Polygonise one block; return the next free id and its right-column global ids."""
+        # Longer than 80 lines: one pass per block: polygons, their statistics and the seams between blocks.
         height, width = shape_hw
         h, w = int(window.height), int(window.width)
         r0, c0 = int(window.row_off), int(window.col_off)

@@ -9,6 +9,7 @@ project in one layer group, styled with the QML files in ``resources/styles``.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from qgis.core import (
@@ -46,8 +47,48 @@ STYLES = {
 }
 
 
+#: Output kinds that show the answer: switched on when added. The others (the change raster,
+#: MSI map, calibrated CVA, pseudo labels) are added switched off, so they do not hide it.
+SHOWN_FIRST = frozenset({"changes", "probability", "preview", "preview_change", "grid"})
+
+#: A year (or a yyyymmdd date) in a layer or file name: orders the dates of an image pair.
+DATE_PATTERN = re.compile(r"(?<!\d)((?:19|20)\d{2})(\d{4})?(?!\d)")
+
+
 def tr(text: str) -> str:
     return QCoreApplication.translate("KdmsiLayers", text)
+
+
+def raster_layers(project: QgsProject) -> list[QgsRasterLayer]:
+    """The project's valid raster layers, in the order they were added (bottom of the tree
+    first)."""
+    nodes = project.layerTreeRoot().findLayers()
+    found = [n.layer() for n in reversed(nodes) if isinstance(n.layer(), QgsRasterLayer)]
+    return [layer for layer in found if layer.isValid()]
+
+
+def _date_key(layer: QgsMapLayer) -> str | None:
+    for text in (layer.name(), Path(layer.source().split("|", 1)[0]).stem):
+        match = DATE_PATTERN.search(text)
+        if match:
+            return match.group(1) + (match.group(2) or "0000")
+    return None
+
+
+def guess_pair(
+    project: QgsProject,
+) -> tuple[QgsRasterLayer | None, QgsRasterLayer | None]:
+    """The likely before and after rasters of a project: two different layers, ordered by the
+    date in their names when both have one, else by the order they were added; ``(None, None)``
+    with fewer than two rasters."""
+    candidates = raster_layers(project)
+    if len(candidates) < 2:
+        return None, None
+    dated = [layer for layer in candidates if _date_key(layer) is not None]
+    if len(dated) >= 2:
+        dated.sort(key=lambda layer: _date_key(layer) or "")
+        return dated[0], dated[-1]
+    return candidates[0], candidates[1]
 
 
 def resource_path(*parts: str) -> Path:
@@ -187,12 +228,15 @@ def load_layer(path: str, kind: str, name: str | None = None) -> QgsMapLayer | N
 
 
 def add_results(
-    project: QgsProject, outputs: list[tuple[str, str]], group_name: str
+    project: QgsProject,
+    outputs: list[tuple[str, str]],
+    group_name: str,
+    shown: frozenset[str] | set[str] = SHOWN_FIRST,
 ) -> list[QgsMapLayer]:
     """Add ``(kind, path)`` outputs to ``project`` in the group ``group_name``, styled.
 
     Layers from an earlier run in the same group are replaced; new layers go to the top of
-    the group, polygons above rasters.
+    the group, polygons above rasters. Kinds in ``shown`` are switched on, the others off.
     """
     group = result_group(project, group_name)
     added: list[QgsMapLayer] = []
@@ -215,8 +259,10 @@ def add_results(
             if node.layer() is not None and node.layer().name() == layer.name():
                 project.removeMapLayer(node.layerId())
         project.addMapLayer(layer, False)
-        group.insertLayer(0, layer)
+        node = group.insertLayer(0, layer)
+        node.setItemVisibilityChecked(kind in shown)
         added.insert(0, layer)
+    group.setItemVisibilityChecked(True)
     return added
 
 
@@ -247,9 +293,13 @@ class StyleAndGroup(QgsProcessingLayerPostProcessorInterface):
         root = project.layerTreeRoot()
         node = root.findLayer(layer.id())
         group = result_group(project, self.group_name)
-        if node is None or node.parent() is group:
+        if node is None:
             return
-        group.insertChildNode(0, node.clone())
-        parent = node.parent()
-        if parent is not None:
-            parent.removeChildNode(node)
+        if node.parent() is not group:
+            group.insertChildNode(0, node.clone())
+            parent = node.parent()
+            if parent is not None:
+                parent.removeChildNode(node)
+            node = group.findLayer(layer.id())
+        if node is not None:
+            node.setItemVisibilityChecked(self.kind in SHOWN_FIRST)

@@ -53,6 +53,8 @@ class EngineResult:
         exit_code: the worker's exit status (``None`` if it could not start).
         result: the engine's ``result`` event data (paths written, metrics).
         error: one line that says what went wrong (empty on success).
+        error_parameters: the engine parameters the error is about (keyword names such as
+            ``lr``; the error event's ``parameters``), for the caller to name in its own words.
         cancelled: the user cancelled the command.
         command: the argument list that was run.
         stderr_tail: the last lines the worker wrote to stderr.
@@ -62,6 +64,7 @@ class EngineResult:
     exit_code: int | None
     result: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    error_parameters: list[str] = field(default_factory=list)
     cancelled: bool = False
     command: list[str] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
@@ -156,6 +159,7 @@ class _Runner:
         self.grace_s = grace_s
         self.result: dict[str, Any] = {}
         self.error = ""
+        self.error_parameters: list[str] = []
         self.stderr_tail: list[str] = []
 
     def run(self, env: dict[str, str], cwd: str | os.PathLike[str] | None) -> EngineResult:
@@ -234,6 +238,8 @@ class _Runner:
                     self.result = dict(event.get("data") or {})
                 elif event.get("event") == "error":
                     self.error = str(event.get("message") or "")
+                    data = event.get("data") or {}
+                    self.error_parameters = [str(p) for p in data.get("parameters") or []]
                 self._safe(self.on_event, event)
                 return
         else:
@@ -259,6 +265,7 @@ class _Runner:
             exit_code=exit_code,
             result=self.result,
             error=error,
+            error_parameters=self.error_parameters,
             cancelled=cancelled or exit_code == EXIT_CANCELLED,
             command=self.argv,
             stderr_tail=self.stderr_tail,

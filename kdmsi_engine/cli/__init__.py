@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "detect",
     "vectorize",
     "run",
+    "suggest",
     "batch",
     "convert_model",
     "export",

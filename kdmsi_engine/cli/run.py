@@ -15,6 +15,7 @@ NAME = "run"
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of the whole chain (shared by ``run`` and ``batch``); defaults from
     :mod:`kdmsi_engine.defaults`."""
+    # Longer than 80 lines: one add_argument per option of the whole chain, no logic.
     d = defaults
     both = parser.add_argument_group("both stages")
     both.add_argument(

@@ -13,6 +13,7 @@ NAME = "train-detector"
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     """Add ``kdmsi train-detector``."""
+    # Longer than 80 lines: one add_argument per option of the command, no logic.
     parser = subparsers.add_parser(
         NAME,
         parents=[common],

@@ -143,6 +143,7 @@ def read_weak_labels(
         LabelError: unreadable file, no features, missing field, bad values, no CRS, or all
             features outside ``bounds``.
     """
+    # Longer than 80 lines: its documented parameters and one check per way a label file can be wrong.
     frame, what = _read_source(source)
     frame = frame[frame.geometry.notna()]
     frame = frame[~frame.geometry.is_empty]

@@ -72,13 +72,19 @@ def parse_bands(value: object) -> tuple[int, ...] | None:
         else:
             items = [int(v) for v in value]  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
-        raise InputError(f"bands {value!r} are not band numbers; give e.g. 1,2,3") from exc
+        raise InputError(
+            f"bands {value!r} are not band numbers; give e.g. 1,2,3", parameters=("bands",)
+        ) from exc
     if not items:
-        raise InputError("no bands given; give e.g. 1,2,3")
+        raise InputError("no bands given; give e.g. 1,2,3", parameters=("bands",))
     if any(b < 1 for b in items):
-        raise InputError(f"band numbers start at 1 (got {value!r}); give e.g. 1,2,3")
+        raise InputError(
+            f"band numbers start at 1 (got {value!r}); give e.g. 1,2,3", parameters=("bands",)
+        )
     if len(set(items)) != len(items):
-        raise InputError(f"bands {value!r} repeat a band; give each band once")
+        raise InputError(
+            f"bands {value!r} repeat a band; give each band once", parameters=("bands",)
+        )
     return tuple(items)
 
 
@@ -89,7 +95,8 @@ def _select_bands(before: Any, after: Any, bands: tuple[int, ...] | None) -> tup
             if bad:
                 raise InputError(
                     f"band {bad[0]} is out of range: the {label} raster {Path(ds.name).name} has "
-                    f"{ds.count} band(s); choose bands between 1 and {ds.count}"
+                    f"{ds.count} band(s); choose bands between 1 and {ds.count}",
+                    parameters=("bands",),
                 )
         return bands
     # Every band by default: change shows in the near and short-wave infrared as much as in
@@ -186,6 +193,7 @@ class ScenePair:
             GridError: the rasters do not overlap, or the overlap has no valid pixel.
             InputError: bad bands, CRS, resolution or scaling.
         """
+        # Longer than 80 lines: its documented parameters and one check per way two rasters can fail to share a grid.
         if scaling_method not in ("auto", PERCENTILE_METHOD, UINT8_METHOD):
             raise InputError(
                 f"unknown scaling method {scaling_method!r}; use auto, {PERCENTILE_METHOD} or "

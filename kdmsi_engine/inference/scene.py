@@ -134,6 +134,7 @@ def infer_scene(
     Returns:
         ``{"output", "method", "scales", "tile_size", "overlap", "device", "grid", "seconds"}``.
     """
+    # Longer than 80 lines: the job's documented parameters; each step is short.
     progress = progress or Progress()
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")

@@ -26,7 +26,6 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from kdmsi_engine.data.manifest import SceneSpec, read_manifest, write_manifest
 from kdmsi_engine.detect import software_versions
 from kdmsi_engine.device import describe_device, resolve_device
 from kdmsi_engine.errors import CancelledError, InputError, KdmsiError, LabelError
-from kdmsi_engine.jobs.cluster import Outcome, Task, open_runner, parse_cluster
+from kdmsi_engine.jobs.cluster import InProcess, OnDask, Outcome, Task, open_runner, parse_cluster
 from kdmsi_engine.jobs.config import RunConfig
 from kdmsi_engine.jobs.stages import (
     SceneWork,
@@ -116,7 +115,6 @@ def batch_scenes(
         ManifestError: the manifest is unusable. LabelError: no usable labelled scene.
         InputError: an unusable cluster. ModelFileError: ``model`` is not a detector.
     """
-    progress = progress or Progress()
     config = config or RunConfig()
     config.check()
     # Missing files are typos the user wants to hear about before any work: refused here, with
@@ -124,119 +122,17 @@ def batch_scenes(
     specs = read_manifest(manifest)
     model_path = _check_model(model) if model is not None else None
     cluster_spec = parse_cluster(cluster) if cluster is not None else None
-    folder = check_output_dir(out_dir)
-    record_path = folder / BATCH_RECORD
-    check_output(record_path, overwrite=True)
-    torch_device = resolve_device(device)
-    started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {s.name: {"name": s.name} for s in specs}
-    record: dict[str, Any] = {
-        "job": "batch",
-        "status": "running",
-        "manifest": str(Path(manifest).absolute()),
-        "parameters": config.to_dict(),
-        "device": describe_device(torch_device),
-        "versions": software_versions(),
-        "training": {},
-        "scenes": list(results.values()),
-    }
-
-    def save() -> None:
-        record["scenes"] = [results[s.name] for s in specs]
-        write_text_atomic(record_path, json.dumps(record, indent=2, default=str), overwrite=True)
-
-    def fail(name: str, stage: str, error: str) -> None:
-        results[name].update(status="failed", stage=stage, error=error)
-        progress.log(f"scene {name} failed in {stage}: {error}", scene=name)
-        save()
-
+    progress = progress or Progress()
+    batch = Batch(
+        Path(manifest), specs, check_output_dir(out_dir), config,
+        device=device, overwrite=overwrite, progress=progress, model=model_path,
+    )  # fmt: skip
     with open_runner(cluster_spec, progress) as runner:
-        if cluster_spec is not None:
-            record["cluster"] = {k: v for k, v in runner.summary.items() if k != "workers_per_host"}
-        # 1. Find broken scenes before training.
-        progress.stage("check", total=len(specs), message="checking scenes")
-        usable = []
-        for spec in specs:
-            progress.check_cancelled()
-            scene_dir = folder / spec.name
-            if not overwrite and _scene_record_complete(scene_dir / defaults.RECORD_NAME):
-                results[spec.name].update(status="skipped", reason="already complete")
-                progress.log(f"scene {spec.name}: already complete, skipped", scene=spec.name)
-                progress.advance()
-                continue
-            try:
-                _probe_scene(spec, config.bands, config.label_field)
-            except CancelledError:
-                raise
-            except Exception as exc:  # a broken scene is reported, the others go on
-                logger.debug("scene %s failed:\n%s", spec.name, traceback.format_exc())
-                fail(spec.name, "check", _error_text(exc))
-            else:
-                usable.append(spec)
-            progress.advance()
-        # 2. Train once on the usable labelled scenes (even when all of them are complete: new
-        #    unlabelled scenes still need the detector; existing models are reused).
-        pending = list(usable)
-        scene_tiles: dict[str, Any]
-        teacher: dict[str, Any] | None
-        if model_path is not None:
-            detector_path, scene_tiles, teacher = model_path, {}, None
-            record["training"] = {"detector": str(model_path), "given": True}
-        else:
-            detector_path = folder / defaults.DETECTOR_NAME
-            scene_tiles, teacher = _train_once(
-                runner, specs, pending, results, record, folder, config, manifest,
-                device=device, resume=resume, overwrite=overwrite, save=save,
-            )  # fmt: skip
-        # 3. Detect on every usable scene that is not complete: labelled scenes first, each with
-        #    its own threshold (e.g. unchanged-q on its unchanged tiles); scenes without labels
-        #    get the mean of the labelled scenes' thresholds.
-        thresholds = _complete_thresholds(folder, specs, results)
-
-        def calibrated(spec: Any) -> bool:
-            return spec.name in scene_tiles or (model_path is not None and spec.labels is not None)
-
-        first = [s for s in pending if calibrated(s)]
-        rest = [s for s in pending if not calibrated(s)]
-        # The scenes without labels wait for the labelled ones' thresholds only when they need
-        # them; otherwise (a fixed threshold, Otsu) every scene goes at once.
-        needs_mean = isinstance(config.threshold, str) and config.threshold != "otsu"
-        waves = [wave for wave in ([first, rest] if needs_mean else [first + rest]) if wave]
-        done = 0
-        for wave in waves:
-            tasks = []
-            for spec in wave:
-                tiles, held_out = scene_tiles.get(spec.name, (None, None))
-                threshold = config.threshold
-                if not calibrated(spec) and needs_mean:
-                    threshold = float(np.mean(thresholds)) if thresholds else "otsu"
-                job = SceneJob(
-                    spec, folder / spec.name, Path(detector_path), config, tiles, held_out,
-                    threshold, teacher, record["training"], record_path, model_path is not None,
-                    device,
-                )  # fmt: skip
-                tasks.append(Task(spec.name, detect_batch_scene, (job,)))
-            for outcome in runner.run(tasks, first=done + 1, total=len(pending)):
-                done += 1
-                _record_outcome(outcome, results, fail, thresholds)
-                save()
-    counts = {
-        status: sum(1 for r in results.values() if r.get("status") == status)
-        for status in ("complete", "skipped", "failed")
-    }
-    record.update(
-        status="complete" if counts["failed"] == 0 else "complete-with-failures",
-        counts=counts,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    if cluster_spec is not None:
-        record["cluster"]["scenes_per_worker"] = _per_worker(results)
-    save()
-    progress.log(
-        f"batch finished: {counts['complete']} complete, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; see {record_path}"
-    )
-    return {**record, "batch_record": str(record_path)}
+        batch.use(runner)
+        pending = batch.check_scenes()
+        scene_tiles = batch.train(pending, resume=resume) if pending else {}
+        batch.detect(pending, scene_tiles)
+    return batch.finish()
 
 
 def _check_model(model: str | os.PathLike[str]) -> Path:
@@ -253,56 +149,215 @@ def _check_model(model: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _train_once(
-    runner: Any,
-    specs: list[Any],
-    pending: list[Any],
-    results: dict[str, dict[str, Any]],
-    record: dict[str, Any],
-    folder: Path,
-    config: RunConfig,
-    manifest: str | os.PathLike[str],
-    *,
-    device: str,
-    resume: bool,
-    overwrite: bool,
-    save: Callable[[], None],
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Train KD-MSI and the detector on the usable labelled scenes (here or on a worker).
+class Batch:
+    """One ``batch`` run: its scenes, their results and ``batch.json``, phase by phase.
 
-    Returns each labelled scene's tile labels (and held-out tiles) and the teacher's
-    separation, for the detection that follows.
+    :meth:`check_scenes` finds broken scenes before any training, :meth:`train` trains once on
+    the usable labelled scenes (unless a detector was given), :meth:`detect` detects every scene
+    (labelled scenes with their own threshold, the others with the labelled scenes' mean), one
+    :func:`detect_batch_scene` task each, :meth:`finish` counts. The training and the scene
+    tasks run where the runner runs them (:mod:`kdmsi_engine.jobs.cluster`: here, or on Dask).
+    Every change of a scene's state is saved to ``batch.json`` at once.
     """
-    labelled = [
-        s for s in specs if s.labels is not None and results[s.name].get("status") != "failed"
-    ]
-    student_path, detector_path = folder / defaults.STUDENT_NAME, folder / defaults.DETECTOR_NAME
-    if not pending:
-        return {}, None
-    if not labelled:
-        raise LabelError(
-            f"no usable scene of {manifest} has labels; fill the labels column for training"
+
+    def __init__(
+        self,
+        manifest: Path,
+        specs: list[SceneSpec],
+        folder: Path,
+        config: RunConfig,
+        *,
+        device: str,
+        overwrite: bool,
+        progress: Progress,
+        model: Path | None = None,
+    ) -> None:
+        self.manifest, self.specs, self.folder, self.config = manifest, specs, folder, config
+        self.device, self.overwrite, self.progress = device, overwrite, progress
+        self.record_path = folder / BATCH_RECORD
+        check_output(self.record_path, overwrite=True)
+        self.student_path = folder / defaults.STUDENT_NAME
+        #: a given detector, or the one this batch trains
+        self.model = model
+        self.detector_path = model or folder / defaults.DETECTOR_NAME
+        self.started = time.monotonic()
+        self.results: dict[str, dict[str, Any]] = {s.name: {"name": s.name} for s in specs}
+        self.record: dict[str, Any] = {
+            "job": "batch",
+            "status": "running",
+            "manifest": str(manifest.absolute()),
+            "parameters": config.to_dict(),
+            "device": describe_device(resolve_device(device)),
+            "versions": software_versions(),
+            "training": {},
+            "scenes": list(self.results.values()),
+        }
+        #: thresholds of the labelled scenes detected so far (for the unlabelled ones)
+        self.thresholds: list[float] = []
+        self.runner: InProcess | OnDask = InProcess(progress)
+
+    def use(self, runner: InProcess | OnDask) -> None:
+        """Run the training and the scenes with ``runner``."""
+        self.runner = runner
+        if isinstance(runner, OnDask):
+            summary = runner.summary
+            self.record["cluster"] = {k: v for k, v in summary.items() if k != "workers_per_host"}
+
+    def save(self) -> None:
+        self.record["scenes"] = [self.results[s.name] for s in self.specs]
+        text = json.dumps(self.record, indent=2, default=str)
+        write_text_atomic(self.record_path, text, overwrite=True)
+
+    def fail(self, name: str, stage: str, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else _error_text(error)
+        self.results[name].update(status="failed", stage=stage, error=text)
+        if not isinstance(error, str):
+            logger.debug("scene %s failed:\n%s", name, traceback.format_exc())
+        self.progress.log(f"scene {name} failed in {stage}: {text}", scene=name)
+        self.save()
+
+    def check_scenes(self) -> list[SceneSpec]:
+        """Open every scene not yet complete; the usable ones (broken ones are recorded)."""
+        progress = self.progress
+        progress.stage("check", total=len(self.specs), message="checking scenes")
+        usable = []
+        for spec in self.specs:
+            progress.check_cancelled()
+            if not self.overwrite and _scene_record_complete(
+                self.folder / spec.name / defaults.RECORD_NAME
+            ):
+                self.results[spec.name].update(status="skipped", reason="already complete")
+                progress.log(f"scene {spec.name}: already complete, skipped", scene=spec.name)
+            else:
+                try:
+                    _probe_scene(spec, self.config.bands, self.config.label_field)
+                except CancelledError:
+                    raise
+                except Exception as exc:  # a broken scene is reported, the others go on
+                    self.fail(spec.name, "check", exc)
+                else:
+                    usable.append(spec)
+            progress.advance()
+        return usable
+
+    def train(self, pending: list[SceneSpec], *, resume: bool) -> dict[str, Any]:
+        """Train once on the usable labelled scenes (existing models are reused, since new
+        unlabelled scenes still need the detector); each labelled scene's tile labels.
+
+        With a given detector nothing is trained."""
+        if self.model is not None:
+            self.record["training"] = {"detector": str(self.model), "given": True}
+            self.save()
+            return {}
+        labelled = [
+            s
+            for s in self.specs
+            if s.labels is not None and self.results[s.name].get("status") != "failed"
+        ]
+        if not labelled:
+            raise LabelError(
+                f"no usable scene of {self.manifest} has labels; fill the labels column for "
+                "training"
+            )
+        if self.overwrite:
+            for path in (self.student_path, self.detector_path):
+                check_output(path, overwrite=True)
+        train_manifest = self.folder / TRAIN_MANIFEST
+        write_manifest(train_manifest, labelled)
+        self.record["training"] = {
+            "scenes": [s.name for s in labelled],
+            "student": str(self.student_path),
+            "detector": str(self.detector_path),
+        }
+        self.save()
+        job = TrainingJob(
+            [SceneWork(s, check_output_dir(self.folder / s.name)) for s in labelled],
+            self.student_path, self.detector_path, self.config, train_manifest, self.device,
+            resume, self.overwrite,
+        )  # fmt: skip
+        stages, scene_tiles, timings = self.runner.call(
+            Task("training", train_batch_models, (job,))
         )
-    if overwrite:
-        for path in (student_path, detector_path):
-            check_output(path, overwrite=True)
-    train_manifest = folder / TRAIN_MANIFEST
-    write_manifest(train_manifest, labelled)
-    train_scenes = [SceneWork(s, check_output_dir(folder / s.name)) for s in labelled]
-    record["training"] = {
-        "scenes": [s.name for s in labelled],
-        "student": str(student_path),
-        "detector": str(detector_path),
-    }
-    save()
-    training = TrainingJob(
-        train_scenes, student_path, detector_path, config, train_manifest, device, resume,
-        overwrite,
-    )  # fmt: skip
-    stages, scene_tiles, timings = runner.call(Task("training", train_batch_models, (training,)))
-    record["training"].update(stages=plain(stages), timings=timings)
-    save()
-    return scene_tiles, stages.get("kd", {}).get("teacher_separation")
+        self.record["training"].update(stages=plain(stages), timings=timings)
+        self.save()
+        return scene_tiles
+
+    def detect(self, pending: list[SceneSpec], scene_tiles: dict[str, Any]) -> None:
+        """Detect every pending scene, the labelled ones first (their thresholds set the
+        unlabelled scenes' threshold)."""
+        # labelled scenes a previous run finished count too (check_scenes marked them skipped)
+        self.thresholds = _complete_thresholds(self.folder, self.specs, self.results)
+
+        def calibrated(spec: SceneSpec) -> bool:  # its own labels set its threshold
+            return spec.name in scene_tiles or (self.model is not None and spec.labels is not None)
+
+        first = [s for s in pending if calibrated(s)]
+        rest = [s for s in pending if not calibrated(s)]
+        # The scenes without labels wait for the labelled ones' thresholds only when they need
+        # them; otherwise (a fixed threshold, Otsu) every scene goes at once.
+        threshold = self.config.threshold
+        needs_mean = isinstance(threshold, str) and threshold != "otsu"
+        waves = [wave for wave in ([first, rest] if needs_mean else [first + rest]) if wave]
+        done = 0
+        for wave in waves:
+            tasks = []
+            for spec in wave:
+                scene_threshold = threshold
+                if not calibrated(spec) and needs_mean:
+                    scene_threshold = float(np.mean(self.thresholds)) if self.thresholds else "otsu"
+                tiles, held_out = scene_tiles.get(spec.name, (None, None))
+                job = SceneJob(
+                    spec, self.folder / spec.name, Path(self.detector_path), self.config, tiles,
+                    held_out, scene_threshold, self._teacher(), self.record["training"],
+                    self.record_path, self.model is not None, self.device,
+                )  # fmt: skip
+                tasks.append(Task(spec.name, detect_batch_scene, (job,)))
+            for outcome in self.runner.run(tasks, first=done + 1, total=len(pending)):
+                done += 1
+                self._record(outcome)
+
+    def _record(self, outcome: Outcome) -> None:
+        """Put a scene task's outcome into the results and ``batch.json``."""
+        name = outcome.name
+        if outcome.worker is not None:
+            self.results[name]["worker"] = outcome.worker
+        if outcome.status == "cancelled":
+            raise CancelledError(f"cancelled during scene {name}; its outputs were not written")
+        if outcome.status != "done":
+            self.fail(name, "detect", outcome.error)
+            return
+        value = dict(outcome.value)
+        if value.pop("status") == "failed":
+            self.fail(name, value["stage"], value["error"])
+            return
+        if value.pop("calibrated"):
+            self.thresholds.append(value["threshold"])
+        value.pop("threshold")
+        self.results[name].update(status="complete", **value)
+        self.save()
+
+    def _teacher(self) -> dict[str, Any] | None:
+        return self.record["training"].get("stages", {}).get("kd", {}).get("teacher_separation")
+
+    def finish(self) -> dict[str, Any]:
+        """Count the scenes by state, save and return the batch record."""
+        counts = {
+            status: sum(1 for r in self.results.values() if r.get("status") == status)
+            for status in ("complete", "skipped", "failed")
+        }
+        self.record.update(
+            status="complete" if counts["failed"] == 0 else "complete-with-failures",
+            counts=counts,
+            seconds=round(time.monotonic() - self.started, 2),
+        )
+        if "cluster" in self.record:
+            self.record["cluster"]["scenes_per_worker"] = _per_worker(self.results)
+        self.save()
+        self.progress.log(
+            f"batch finished: {counts['complete']} complete, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed; see {self.record_path}"
+        )
+        return {**self.record, "batch_record": str(self.record_path)}
 
 
 @dataclass
@@ -363,7 +418,7 @@ def detect_batch_scene(job: SceneJob, *, progress: Progress) -> dict[str, Any]:
 
     Returns ``status`` ``complete`` (with ``folder``, ``polygons``, ``seconds`` and the
     ``threshold`` it used, ``calibrated`` when its labels set it) or ``failed`` (with
-    ``error``): a failing scene is the batch's to record, not a reason to stop.
+    ``stage`` and ``error``): a failing scene is the batch's to record, not a reason to stop.
 
     Raises:
         CancelledError: cancelled.
@@ -386,21 +441,7 @@ def detect_batch_scene(job: SceneJob, *, progress: Progress) -> dict[str, Any]:
             teacher=job.teacher,
         )  # fmt: skip
         detection = finished["detection"]
-        scene_record = {
-            **detection,
-            "job": "batch-scene",
-            "batch": str(job.batch_record),
-            "labels": str(spec.labels) if spec.labels is not None else None,
-            "training": job.training,
-            "parameters": {**detection["parameters"], "run": config.to_dict()},
-            "trust": finished["trust"],
-        }
-        scene_record["outputs"]["run"] = str(scene_dir / defaults.RECORD_NAME)
-        write_text_atomic(
-            scene_dir / defaults.RECORD_NAME,
-            json.dumps(scene_record, indent=2, default=str),
-            overwrite=True,
-        )
+        _write_scene_record(job, detection, finished["trust"])
     except CancelledError:
         raise
     except Exception as exc:  # a failing scene is reported, the others go on
@@ -416,29 +457,23 @@ def detect_batch_scene(job: SceneJob, *, progress: Progress) -> dict[str, Any]:
     }
 
 
-def _record_outcome(
-    outcome: Outcome,
-    results: dict[str, dict[str, Any]],
-    fail: Callable[[str, str, str], None],
-    thresholds: list[float],
-) -> None:
-    """Put a scene task's outcome into the batch's results."""
-    name = outcome.name
-    if outcome.worker is not None:
-        results[name]["worker"] = outcome.worker
-    if outcome.status == "cancelled":
-        raise CancelledError(f"cancelled during scene {name}; its outputs were not written")
-    if outcome.status != "done":
-        fail(name, "detect", outcome.error)
-        return
-    value = dict(outcome.value)
-    if value.pop("status") == "failed":
-        fail(name, value["stage"], value["error"])
-        return
-    if value.pop("calibrated"):
-        thresholds.append(value["threshold"])
-    value.pop("threshold")
-    results[name].update(status="complete", **value)
+def _write_scene_record(job: SceneJob, detection: dict[str, Any], trust: Any) -> None:
+    scene_dir = job.folder
+    scene_record = {
+        **detection,
+        "job": "batch-scene",
+        "batch": str(job.batch_record),
+        "labels": str(job.spec.labels) if job.spec.labels is not None else None,
+        "training": job.training,
+        "parameters": {**detection["parameters"], "run": job.config.to_dict()},
+        "trust": trust,
+    }
+    scene_record["outputs"]["run"] = str(scene_dir / defaults.RECORD_NAME)
+    write_text_atomic(
+        scene_dir / defaults.RECORD_NAME,
+        json.dumps(scene_record, indent=2, default=str),
+        overwrite=True,
+    )
 
 
 def _per_worker(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -449,7 +484,8 @@ def _per_worker(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]
         if worker is None:
             continue
         entry = counts.setdefault(worker, {"complete": 0, "failed": 0})
-        entry[result.get("status", "failed")] = entry.get(result.get("status", "failed"), 0) + 1
+        status = result.get("status", "failed")
+        entry[status] = entry.get(status, 0) + 1
     return counts
 
 

@@ -177,28 +177,53 @@ def train_stages(
         the stage records and, per scene, its :class:`~kdmsi_engine.pseudo.TileLabels` and the
         unchanged tiles held out of the detector's training (bool per tile, or ``None``).
     """
-    from kdmsi_engine.inference.scene import infer_scene
-    from kdmsi_engine.pseudo import make_pseudo_labels
-    from kdmsi_engine.training.detector import (
-        DetectorConfig,
-        DetectorScene,
-        train_detector_scenes,
-    )
-    from kdmsi_engine.training.kd import train_kdmsi
-
-    stages: dict[str, Any] = {}
-    if reuse and student_path.is_file():
-        progress.log(f"reusing {student_path}")
-        stages["kd"] = {"model": str(student_path), "reused": True}
+    run = _StageRun(config, device, resume, overwrite, reuse, progress, timings)
+    stages: dict[str, Any] = {"kd": run.kd(scenes, student_path, manifest)}
+    seconds = {"msi_s": 0.0, "pseudo_s": 0.0}
+    pseudo_records: dict[str, Any] = {}
+    scene_tiles: dict[str, Any] = {}
+    for work in scenes:
+        scene_tiles[work.spec.name], pseudo_records[work.spec.name] = run.scene_labels(
+            work, student_path, seconds
+        )
+    timings.update({key: round(value, 2) for key, value in seconds.items()})
+    stages["msi"] = {"scales": list(config.msi_scales), "tile_size": config.tile_size}
+    if len(scenes) == 1:
+        stages["pseudo"] = plain(next(iter(pseudo_records.values())))
     else:
+        stages["pseudo"] = {"scenes": {k: plain(v) for k, v in pseudo_records.items()}}
+    stages["detector"] = run.detector(scenes, student_path, detector_path)
+    return stages, scene_tiles
+
+
+@dataclass
+class _StageRun:
+    """The settings every training stage of one ``run``/``batch`` shares."""
+
+    config: RunConfig
+    device: str
+    resume: bool
+    overwrite: bool
+    reuse: bool
+    progress: Progress
+    timings: dict[str, float]
+
+    def kd(self, scenes: list[SceneWork], student_path: Path, manifest: Path | None) -> Any:
+        """Stage 1: the KD-MSI teacher and student (reused when ``reuse`` and it exists)."""
+        from kdmsi_engine.training.kd import train_kdmsi
+
+        if self.reuse and student_path.is_file():
+            self.progress.log(f"reusing {student_path}")
+            return {"model": str(student_path), "reused": True}
+        config = self.config
         source: dict[str, Any]
         if manifest is not None:
             source = {"scenes": manifest}
         else:
             spec = scenes[0].spec
             source = {"before": spec.before, "after": spec.after, "labels": spec.labels}
-        stages["kd"] = timed(
-            timings,
+        return timed(
+            self.timings,
             "kd_s",
             lambda: train_kdmsi(
                 **source,
@@ -214,21 +239,26 @@ def train_stages(
                 tile_size=config.tile_size,
                 bands=config.bands,
                 seed=config.seed,
-                resume=resume and checkpoint_path(student_path).is_file(),
-                device=device,
-                overwrite=overwrite or reuse,
-                progress=progress,
+                resume=self.resume and checkpoint_path(student_path).is_file(),
+                device=self.device,
+                overwrite=self.overwrite or self.reuse,
+                progress=self.progress,
             ),
         )
-    msi_s = pseudo_s = 0.0
-    detector_scenes = []
-    pseudo_records: dict[str, Any] = {}
-    scene_tiles: dict[str, Any] = {}
-    for work in scenes:
-        name, folder = work.spec.name, work.folder
+
+    def scene_labels(
+        self, work: SceneWork, student_path: Path, seconds: dict[str, float]
+    ) -> tuple[tuple[Any, Any], dict[str, Any]]:
+        """One scene's MSI map, tile labels, evidence and pseudo labels; its (tiles, held-out
+        tiles) and pseudo-label record. Adds the stages' seconds to ``seconds``."""
+        from kdmsi_engine.inference.scene import infer_scene
+        from kdmsi_engine.pseudo import make_pseudo_labels
+
+        config, folder = self.config, work.folder
+        rewrite = self.overwrite or self.reuse
         msi_path, pseudo_path = folder / MSI_NAME, folder / PSEUDO_NAME
         mark = time.monotonic()
-        if not (reuse and msi_path.is_file()):
+        if not (self.reuse and msi_path.is_file()):
             infer_scene(
                 work.spec.before,
                 work.spec.after,
@@ -238,20 +268,22 @@ def train_stages(
                 scales=config.msi_scales,
                 tile_size=config.tile_size,
                 batch_size=config.batch_size,
-                device=device,
-                overwrite=overwrite or reuse,
-                progress=progress,
+                device=self.device,
+                overwrite=rewrite,
+                progress=self.progress,
             )
-        msi_s += time.monotonic() - mark
+        seconds["msi_s"] += time.monotonic() - mark
         mark = time.monotonic()
         tiles, held_out, evidence = tiles_and_evidence(
-            work, config, overwrite=overwrite or reuse, reuse=reuse, progress=progress
+            work, config, overwrite=rewrite, reuse=self.reuse, progress=self.progress
         )
-        scene_tiles[name] = (tiles, held_out)
-        score_path = _pseudo_source(folder, config, progress)
+        score_path = _pseudo_source(folder, config, self.progress)
         info = {"source": config.pseudo_source, **({"evidence": evidence} if evidence else {})}
-        if not (reuse and pseudo_path.is_file()):
-            pseudo_records[name] = {
+        record: dict[str, Any]
+        if self.reuse and pseudo_path.is_file():
+            record = {"output": str(pseudo_path), "reused": True}
+        else:
+            record = {
                 **info,
                 **make_pseudo_labels(
                     score_path,
@@ -261,27 +293,25 @@ def train_stages(
                     tile_size=config.tile_size,
                     quantile=config.unchanged_quantile,
                     held_out=held_out,
-                    overwrite=overwrite or reuse,
-                    progress=progress,
+                    overwrite=rewrite,
+                    progress=self.progress,
                 ),
             }
-        else:
-            pseudo_records[name] = {"output": str(pseudo_path), "reused": True}
-        pseudo_s += time.monotonic() - mark
-        detector_scenes.append(
-            DetectorScene(name, Path(work.spec.before), Path(work.spec.after), pseudo_path)
+        seconds["pseudo_s"] += time.monotonic() - mark
+        return (tiles, held_out), record
+
+    def detector(self, scenes: list[SceneWork], student_path: Path, detector_path: Path) -> Any:
+        """Stage 2: the detector on every scene's pseudo labels (reused like the student)."""
+        from kdmsi_engine.training.detector import (
+            DetectorConfig,
+            DetectorScene,
+            train_detector_scenes,
         )
-    timings["msi_s"] = round(msi_s, 2)
-    timings["pseudo_s"] = round(pseudo_s, 2)
-    stages["msi"] = {"scales": list(config.msi_scales), "tile_size": config.tile_size}
-    if len(scenes) == 1:
-        stages["pseudo"] = plain(next(iter(pseudo_records.values())))
-    else:
-        stages["pseudo"] = {"scenes": {k: plain(v) for k, v in pseudo_records.items()}}
-    if reuse and detector_path.is_file():
-        progress.log(f"reusing {detector_path}")
-        stages["detector"] = {"model": str(detector_path), "reused": True}
-    else:
+
+        if self.reuse and detector_path.is_file():
+            self.progress.log(f"reusing {detector_path}")
+            return {"model": str(detector_path), "reused": True}
+        config = self.config
         detector_config = DetectorConfig(
             backbone=config.detector_backbone,
             weights=str(config.detector_weights),
@@ -298,24 +328,30 @@ def train_stages(
                 else None
             ),
         )
-        stages["detector"] = timed(
-            timings,
+        detector_scenes = [
+            DetectorScene(
+                w.spec.name, Path(w.spec.before), Path(w.spec.after), w.folder / PSEUDO_NAME
+            )
+            for w in scenes
+        ]
+        return timed(
+            self.timings,
             "detector_s",
             lambda: train_detector_scenes(
                 detector_scenes,
                 detector_path,
                 config=detector_config,
                 bands=config.bands,
-                device=device,
-                resume=resume and checkpoint_path(detector_path).is_file(),
-                overwrite=overwrite or reuse,
-                progress=progress,
+                device=self.device,
+                resume=self.resume and checkpoint_path(detector_path).is_file(),
+                overwrite=self.overwrite or self.reuse,
+                progress=self.progress,
             ),
         )
-    return stages, scene_tiles
 
 
 def plain(value: Any) -> Any:
+    """``value`` as plain JSON types (paths and numpy numbers as JSON writes them)."""
     return json.loads(json.dumps(value, default=str))
 
 

@@ -134,9 +134,9 @@ def build_backbone(
 
 
 #: The pretrained start whose ImageNet weights are installed with the engine (works offline).
-OFFLINE_BACKBONE = "efficientnet-lite0"
+OFFLINE_BACKBONE = defaults.OFFLINE_BACKBONE
 #: The paper's backbone.
-PAPER_BACKBONE = "resnet50"
+PAPER_BACKBONE = defaults.PAPER_BACKBONE
 
 
 def cached_imagenet_file(name: str) -> Path | None:

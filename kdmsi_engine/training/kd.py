@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,62 @@ def _check_weights(weights: str | os.PathLike[str]) -> str:
     return str(path.absolute())
 
 
+@dataclass(frozen=True)
+class KDConfig:
+    """Stage-1 (KD-MSI) training parameters; every default from :mod:`kdmsi_engine.defaults`.
+
+    ``backbone`` is a concrete name here (``auto`` is resolved by the job before).
+    """
+
+    backbone: str = defaults.OFFLINE_BACKBONE
+    weights: str = defaults.WEIGHTS_DEFAULT
+    epochs: int = defaults.KD_EPOCHS
+    batch_size: int = defaults.KD_BATCH_SIZE
+    lr: float = defaults.KD_LR
+    momentum: float = defaults.MOMENTUM
+    weight_decay: float = defaults.WEIGHT_DECAY
+    power: float = defaults.POLY_POWER
+    kd_weight: float = defaults.KD_WEIGHT
+    teacher_combination: str = defaults.TEACHER_COMBINATION
+    student_combination: str = defaults.STUDENT_COMBINATION
+    seed: int = defaults.SEED
+    augment: bool = True
+    precision: str = "auto"
+
+    def check(self) -> None:
+        """Refuse bad values before any data is read."""
+        _check_params(
+            backbone=self.backbone,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            kd_weight=self.kd_weight,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+        architecture(self.backbone, 3, self.teacher_combination, self.student_combination)
+
+    def parameters(self) -> dict[str, Any]:
+        """The training parameters as the model file records them."""
+        return {
+            "backbone": self.backbone,
+            "weights": str(self.weights),
+            "epochs": int(self.epochs),
+            "batch_size": int(self.batch_size),
+            "lr": float(self.lr),
+            "momentum": float(self.momentum),
+            "weight_decay": float(self.weight_decay),
+            "poly_power": float(self.power),
+            "new_layer_lr_mult": defaults.NEW_LAYER_LR_MULT,
+            "kd_weight": float(self.kd_weight),
+            "teacher_combination": self.teacher_combination,
+            "student_combination": self.student_combination,
+            "seed": int(self.seed),
+            "augment": bool(self.augment),
+            "optimizer": "SGD",
+        }
+
+
 def train_kdmsi(
     before: str | os.PathLike[str] | None = None,
     after: str | os.PathLike[str] | None = None,
@@ -192,17 +249,24 @@ def train_kdmsi(
     backbone, choice = resolve_backbone(backbone, str(weights), torch_device)
     if choice:
         progress.log(f"backbone: {choice}")
-    _check_params(
+    config = KDConfig(
         backbone=backbone,
+        weights=str(weights),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        kd_weight=kd_weight,
         momentum=momentum,
         weight_decay=weight_decay,
+        power=power,
+        kd_weight=kd_weight,
+        teacher_combination=teacher_combination,
+        student_combination=student_combination,
+        seed=seed,
+        augment=augment,
+        precision=precision,
     )
-    architecture(backbone, 3, teacher_combination, student_combination)  # checks the names
-    weights = _check_weights(weights)
+    config.check()
+    config = replace(config, weights=_check_weights(weights))
     out_path = check_output(out, overwrite=overwrite)
     ckpt = checkpoint_path(out_path)
     if resume and not ckpt.is_file():
@@ -242,30 +306,13 @@ def train_kdmsi(
     )
     return fit_kdmsi(
         tset,
+        config,
         out=out_path,
-        backbone=backbone,
-        weights=weights,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        power=power,
-        kd_weight=kd_weight,
-        teacher_combination=teacher_combination,
-        student_combination=student_combination,
-        seed=seed,
-        augment=augment,
         resume=resume,
         device=torch_device,
-        precision=precision,
         overwrite=overwrite,
         progress=progress,
     )
-
-
-def _training_params(**kwargs: Any) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
 
 
 class KDTask:
@@ -327,24 +374,11 @@ class KDTask:
 
 def fit_kdmsi(
     tset: TrainingSet,
+    config: KDConfig,
     *,
     out: str | os.PathLike[str] | None,
-    backbone: str = defaults.BACKBONE,
-    weights: str | os.PathLike[str] = defaults.WEIGHTS_DEFAULT,
-    epochs: int = defaults.KD_EPOCHS,
-    batch_size: int = defaults.KD_BATCH_SIZE,
-    lr: float = defaults.KD_LR,
-    momentum: float = defaults.MOMENTUM,
-    weight_decay: float = defaults.WEIGHT_DECAY,
-    power: float = defaults.POLY_POWER,
-    kd_weight: float = defaults.KD_WEIGHT,
-    teacher_combination: str = defaults.TEACHER_COMBINATION,
-    student_combination: str = defaults.STUDENT_COMBINATION,
-    seed: int = defaults.SEED,
-    augment: bool = True,
     resume: bool = False,
     device: torch.device | str = "cpu",
-    precision: str = "auto",
     overwrite: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -355,57 +389,35 @@ def fit_kdmsi(
     The summary always holds the trained ``teacher`` and ``student`` under ``networks`` and the
     model ``metadata``; with ``out`` the model file is written and its path is ``model``.
     """
+    # Longer than 80 lines: model setup, the loop, the teacher's separation and the record.
     progress = progress or Progress()
     tset.check_classes()
-    _check_params(
-        backbone=backbone,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        kd_weight=kd_weight,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+    config.check()
+    c = config
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
+    precision = resolve_precision(c.precision, torch_device)
     out_path = check_output(out, overwrite=overwrite) if out is not None else None
     ckpt = Path(checkpoint) if checkpoint else (checkpoint_path(out_path) if out_path else None)
-    arch = architecture(backbone, tset.num_bands, teacher_combination, student_combination)
-    params = _training_params(
-        backbone=backbone,
-        weights=str(weights),
-        epochs=int(epochs),
-        batch_size=int(batch_size),
-        lr=float(lr),
-        momentum=float(momentum),
-        weight_decay=float(weight_decay),
-        poly_power=float(power),
-        new_layer_lr_mult=defaults.NEW_LAYER_LR_MULT,
-        kd_weight=float(kd_weight),
-        teacher_combination=teacher_combination,
-        student_combination=student_combination,
-        seed=int(seed),
-        augment=bool(augment),
-        optimizer="SGD",
-    )
+    arch = architecture(c.backbone, tset.num_bands, c.teacher_combination, c.student_combination)
+    params = c.parameters()
     metadata = _metadata(tset, arch, params)
-    seed_everything(int(seed))
-    teacher, student = build_kdmsi_models(arch, weights=weights)
+    seed_everything(int(c.seed))
+    teacher, student = build_kdmsi_models(arch, weights=c.weights)
     teacher.to(torch_device)
     student.to(torch_device)
     groups = param_groups(
         teacher.backbone_parameters() + student.backbone_parameters(),
         teacher.new_parameters() + student.new_parameters(),
-        lr=lr,
-        weight_decay=weight_decay,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
     )
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     settings = LoopSettings(
-        epochs=int(epochs),
-        batch_size=int(batch_size),
-        lr=float(lr),
-        poly_power=float(power),
-        seed=int(seed),
+        epochs=int(c.epochs),
+        batch_size=int(c.batch_size),
+        lr=float(c.lr),
+        poly_power=float(c.power),
+        seed=int(c.seed),
         precision=precision,
         device=torch_device,
     )
@@ -416,10 +428,10 @@ def fit_kdmsi(
         "parameters": params,
         "tiles": metadata["training"]["data"].get("tiles"),
     }
-    steps_per_epoch = math.ceil(len(tset.tiles) / batch_size)
+    steps_per_epoch = math.ceil(len(tset.tiles) / c.batch_size)
     with TileStore(tset, cache_bytes=cache_bytes, progress=progress) as store:
         task = KDTask(
-            teacher, student, store, kd_weight=kd_weight, augment=augment, device=torch_device
+            teacher, student, store, kd_weight=c.kd_weight, augment=c.augment, device=torch_device
         )
         fitted = fit(
             task,
@@ -428,14 +440,16 @@ def fit_kdmsi(
             Checkpointing(ckpt, metadata, resume_key),
             resume=resume,
             progress=progress,
-            message=f"{backbone}, {epochs} epochs of {steps_per_epoch} batches",
+            message=f"{c.backbone}, {c.epochs} epochs of {steps_per_epoch} batches",
         )
         teacher.eval()
         student.eval()
         group = distributed.current()
         # rank 0 alone reports; the others would only repeat its numbers
         separation = (
-            teacher_separation(teacher, store, batch_size, torch_device) if group.is_main else None
+            teacher_separation(teacher, store, c.batch_size, torch_device)
+            if group.is_main
+            else None
         )
     metadata["training"].update(
         batch=fitted.batch,
@@ -456,7 +470,7 @@ def fit_kdmsi(
         "tiles": len(tset.tiles),
         "changed_tiles": tset.num_changed,
         "unchanged_tiles": tset.num_unchanged,
-        "epochs": int(epochs),
+        "epochs": int(c.epochs),
         "device": str(torch_device),
         "precision": precision,
         "seconds": round(fitted.seconds, 1),

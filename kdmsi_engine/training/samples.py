@@ -350,6 +350,7 @@ def folder_training_set(
         roots: one dataset folder or several.
         names: only the pairs with these names (e.g. a city list), in every root.
     """
+    # Longer than 80 lines: its documented parameters; one pass over the folder's pairs.
     from kdmsi_engine.data.folder import find_pairs, mask_tile_labels
     from kdmsi_engine.data.tiling import make_tile_grid
 

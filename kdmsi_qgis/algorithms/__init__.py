@@ -15,6 +15,7 @@ from kdmsi_qgis.algorithms.maps import (
     QuickPreviewAlgorithm,
 )
 from kdmsi_qgis.algorithms.prepare import LabellingGridAlgorithm
+from kdmsi_qgis.algorithms.suggest import SuggestTilesAlgorithm
 from kdmsi_qgis.algorithms.training import TrainDetectorAlgorithm, TrainModelAlgorithm
 
 #: Every algorithm the provider offers, in workflow order.
@@ -30,6 +31,7 @@ ALGORITHM_CLASSES = (
     VectorizeAlgorithm,
     EvaluateAlgorithm,
     ExportDetectorAlgorithm,
+    SuggestTilesAlgorithm,
 )
 
 __all__ = ["ALGORITHM_CLASSES"]

@@ -15,6 +15,7 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterField,
@@ -23,6 +24,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorLayer,
+    QgsProject,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
@@ -121,6 +123,7 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
     BANDS = "BANDS"
     DEVICE = "DEVICE"
     OUTPUT = "OUTPUT"
+    RESUME = "RESUME"
 
     ID = ""
     DISPLAY = ""
@@ -158,12 +161,39 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
     # ------------------------------------------------------------- shared parameters
 
     def add_scene_parameters(self) -> None:
+        """Before and after rasters; in a project with two or more rasters they start on two
+        different layers, the earlier date first (:func:`kdmsi_qgis.layers.guess_pair`)."""
+        before, after = layers.guess_pair(QgsProject.instance())
         self.addParameter(
-            QgsProcessingParameterRasterLayer(self.BEFORE, self.tr("Before image (date 1)"))
+            QgsProcessingParameterRasterLayer(
+                self.BEFORE,
+                self.tr("Before image (date 1)"),
+                defaultValue=before.id() if before is not None else None,
+            )
         )
         self.addParameter(
-            QgsProcessingParameterRasterLayer(self.AFTER, self.tr("After image (date 2)"))
+            QgsProcessingParameterRasterLayer(
+                self.AFTER,
+                self.tr("After image (date 2)"),
+                defaultValue=after.id() if after is not None else None,
+            )
         )
+
+    def add_resume_parameter(self) -> None:
+        self.addParameter(
+            advanced(
+                QgsProcessingParameterBoolean(
+                    self.RESUME,
+                    self.tr("Continue an interrupted training from its checkpoint"),
+                    False,
+                )
+            )
+        )
+
+    def resume_arguments(
+        self, parameters: dict[str, Any], context: QgsProcessingContext
+    ) -> list[str]:
+        return ["--resume"] if self.parameterAsBoolean(parameters, self.RESUME, context) else []
 
     def add_labels_parameters(self) -> None:
         self.addParameter(
@@ -273,6 +303,10 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
         after = layers.raster_source(
             self.parameterAsRasterLayer(parameters, self.AFTER, context), self.tr("After image")
         )
+        if Path(before).resolve() == Path(after).resolve():
+            raise QgsProcessingException(
+                self.tr("the before and after images are the same file; choose two dates")
+            )
         return [before, after]
 
     def prepareAlgorithm(  # noqa: N802 (QGIS API)
@@ -423,8 +457,23 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
                 self.tr("Cancelled: the worker was stopped and no output of this step was written")
             )
         if not result.success:
-            raise QgsProcessingException(result.error)
+            raise QgsProcessingException(self.error_text(result.error, result.error_parameters))
         return result.result
+
+    def error_text(self, message: str, parameters: list[str]) -> str:
+        """The engine's message, naming the dialog's fields it is about.
+
+        The engine names its parameters by keyword (``tile_size``); an algorithm's parameter
+        of the same name in capitals (``TILE_SIZE``) is the field the user filled in.
+        """
+        fields = []
+        for name in parameters:
+            definition = self.parameterDefinition(name.upper())
+            if definition is not None:
+                fields.append(definition.description())
+        if not fields:
+            return message
+        return self.tr("{} (see: {})").format(message, "; ".join(fields))
 
     def add_to_load(
         self,

@@ -150,7 +150,11 @@ class RunChainAlgorithm(_FolderOutputAlgorithm):
         "with a trust report (how well the map agrees with your labels, and warnings).\n\n"
         "Weak labels: polygons or points with an integer field, 1 = changed, 0 = unchanged "
         "(make them with 'Create labelling grid'); you need both classes. The defaults are the "
-        "settings measured best on real scenes (README); for 10-30 m imagery use 64 px tiles."
+        "settings measured best on real scenes (README); for 10-30 m imagery use 64 px tiles.\n\n"
+        f"Backbone {D.BACKBONE} (the default) picks efficientnet-lite0, whose ImageNet weights "
+        "ship with the engine, so it works offline on a CPU; the paper's resnet50 is picked on a "
+        "GPU when its ImageNet weights are on this machine. A cancelled run keeps its training "
+        "checkpoints: run again with 'Continue an interrupted training' to go on from them."
     )
 
     def initAlgorithm(self, configuration: dict[str, Any] | None = None) -> None:  # noqa: N802
@@ -196,6 +200,7 @@ class RunChainAlgorithm(_FolderOutputAlgorithm):
         )
         self.add_bands_parameter()
         self.add_device_parameter()
+        self.add_resume_parameter()
         self.add_folder_outputs()
         self.addOutput(QgsProcessingOutputFile("STUDENT_MODEL", self.tr("KD-MSI model")))
         self.addOutput(QgsProcessingOutputRasterLayer("MSI_PROBABILITY", self.tr("MSI map")))
@@ -231,6 +236,7 @@ class RunChainAlgorithm(_FolderOutputAlgorithm):
         if not self.parameterAsBoolean(parameters, self.KEEP_LABELS_OUT, context):
             arguments.append("--no-keep-labels-out")
         arguments += self.bands_arguments(parameters, context)
+        arguments += self.resume_arguments(parameters, context)
         device = self.device(parameters, context)
         return EngineCall("run", arguments, device, {self.OUTPUT_FOLDER: folder})
 

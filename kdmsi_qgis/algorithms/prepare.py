@@ -26,10 +26,12 @@ class LabellingGridAlgorithm(KdmsiAlgorithm):
         "Cuts the overlap of the before and after images into square tiles (the size the "
         "model will be trained on) and writes them as polygons with an empty integer field "
         "'change'.\n\n"
-        "Next: open the grid's attribute table, start editing and set change = 1 on tiles "
-        "where something changed and change = 0 on tiles where nothing did; leave the others "
-        "empty (they are not used). Save, then run 'Train KD-MSI model' with the grid as weak "
-        "labels. A few dozen tiles of each class are enough to start.\n\n"
+        "Next: mark tiles with the KD-MSI panel's 'Label tiles' tool (click: changed, right "
+        "click: unchanged, shift-click: clear, drag: several; saved as you go), or open the "
+        "grid's attribute table and set change = 1 on tiles where something changed and "
+        "change = 0 on tiles where nothing did. Leave the others empty (they are not used). "
+        "Then run 'Train KD-MSI model' or 'Run the whole chain' with the grid as weak labels. "
+        "A few dozen tiles of each class are enough to start.\n\n"
         "Tiles with less than half of their pixels valid on both dates are left out."
     )
 

@@ -98,6 +98,7 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         self.add_tile_size_parameter()
         self.add_bands_parameter()
         self.add_device_parameter()
+        self.add_resume_parameter()
         self.add_model_output(self.tr("KD-MSI model file"))
 
     def build_call(
@@ -113,6 +114,7 @@ class TrainModelAlgorithm(_TrainingAlgorithm):
         arguments += self.training_arguments(parameters, context)
         arguments += ["--kd-weight", self.number(parameters, self.KD_WEIGHT, context)]
         arguments += self.bands_arguments(parameters, context)
+        arguments += self.resume_arguments(parameters, context)
         device = self.device(parameters, context)
         return EngineCall("train", arguments, device, {self.OUTPUT: output})
 
@@ -145,6 +147,7 @@ class TrainDetectorAlgorithm(_TrainingAlgorithm):
         self.add_tile_size_parameter()
         self.add_bands_parameter()
         self.add_device_parameter()
+        self.add_resume_parameter()
         self.add_model_output(self.tr("Change detector file"))
 
     def build_call(
@@ -161,5 +164,6 @@ class TrainDetectorAlgorithm(_TrainingAlgorithm):
         arguments += ["--pseudo", pseudo, "-o", output]
         arguments += self.training_arguments(parameters, context)
         arguments += self.bands_arguments(parameters, context)
+        arguments += self.resume_arguments(parameters, context)
         device = self.device(parameters, context)
         return EngineCall("train-detector", arguments, device, {self.OUTPUT: output})

@@ -3,11 +3,12 @@
 Usage (from the repository root)::
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python tests/plugin/screenshot.py \
-        [--output /work/team/screenshots/kdmsi_dock_map.png] [--epochs 2]
+        [--output resources/screenshots/kdmsi_dock_map.png] [--epochs 2]
 
 Loads the plugin, puts the real Landsat Taizhou pair and weak labels (the labelling grid
 filled from the sparse reference samples) in the project, presses the dock's "Labelling grid"
-and "Run all" buttons with a tiny CPU configuration, waits, then renders the map (after image,
+and "Run all" buttons with the dock's defaults and 2 epochs a stage, waits, then renders the
+map (after image,
 change probability, change polygons) with QgsMapRendererParallelJob and grabs the dock with
 QWidget.grab(), side by side in one PNG.
 """
@@ -35,12 +36,12 @@ DATA = REPO.parent / "shared" / "data" / "landsat-taizhou-nanjing"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--output", type=Path, default=Path("/work/team/screenshots/kdmsi_dock_map.png")
+        "--output", type=Path, default=REPO / "resources" / "screenshots" / "kdmsi_dock_map.png"
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tile-size", type=int, default=64)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--weights", default="none")
+    parser.add_argument("--backbone", default="auto")
+    parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--panel", type=int, default=400, help="map panel size in pixels")
     args = parser.parse_args()
     start_qgis()
@@ -64,7 +65,9 @@ def main() -> int:
 
     plugin = classFactory(iface)
     plugin.initGui()
+    args.output = args.output.resolve()
     work = Path(tempfile.mkdtemp(prefix="kdmsi-shot-"))
+    os.chdir(work)  # the dock shows a relative output folder: no machine path in the picture
     project = QgsProject.instance()
     before = QgsRasterLayer(str(DATA / "A" / "taizhou.tif"), "Taizhou 2000", "gdal")
     after = QgsRasterLayer(str(DATA / "B" / "taizhou.tif"), "Taizhou 2003", "gdal")
@@ -81,11 +84,15 @@ def main() -> int:
     dock = plugin.ensure_dock()
     dock.before_combo.setLayer(before)
     dock.after_combo.setLayer(after)
-    dock.output_widget.setFilePath(str(work))
+    dock.output_widget.setFilePath("kdmsi-output")
+    dock.python_widget.blockSignals(True)  # KDMSI_PYTHON runs the engine; not in the settings
+    dock.python_widget.setFilePath("python3")
+    dock.python_widget.blockSignals(False)
     dock.tile_spin.setValue(args.tile_size)
     dock.backbone_combo.setCurrentText(args.backbone)
     dock.weights_combo.setCurrentText(args.weights)
     dock.epochs_spin.setValue(args.epochs)
+    dock.detector_epochs_spin.setValue(args.epochs)
     dock.device_combo.setCurrentText("cpu")
     dock.scales_edit.setText("0.5,1")
 
@@ -101,7 +108,7 @@ def main() -> int:
     press(dock.grid_button, 120)
     labels_path = str(work / "weak_labels.gpkg")
     make_weak_labels(
-        str(work / "labelling_grid.gpkg"),
+        str(work / "kdmsi-output" / "labelling_grid.gpkg"),
         str(DATA / "label" / "taizhou.tif"),
         labels_path,
         args.tile_size,
@@ -139,9 +146,15 @@ def main() -> int:
         job.waitForFinished()
         images.append((title, job.renderedImage()))
 
-    dock.resize(420, 1000)
-    dock.show()
-    dock_image = dock.grab().toImage()
+    # the log's command lines name this machine's folders: keep the other lines
+    lines = dock.log_view.toPlainText().splitlines()
+    dock.log_view.setPlainText("\n".join(line for line in lines if str(REPO.parent) not in line
+                                          and "/tmp" not in line and "$ " not in line))  # fmt: skip
+    dock.log_view.verticalScrollBar().setValue(dock.log_view.verticalScrollBar().maximum())
+    # the panel's whole body, not the part its scroll area shows on a small offscreen screen
+    body = dock.widget().takeWidget()
+    body.resize(470, body.sizeHint().height())
+    dock_image = body.grab().toImage()
     width = 3 * (args.panel + 10) + dock_image.width() + 20
     height = max(args.panel + 40, dock_image.height()) + 20
     canvas = QImage(width, height, QImage.Format.Format_ARGB32)

@@ -251,6 +251,27 @@ def test_labels_without_the_field_are_refused(plugin, taizhou, weak_labels, work
     assert not (workdir / "never.kdmsi").exists()
 
 
+def test_engine_errors_name_the_dialogs_field(plugin, taizhou, weak_labels, workdir) -> None:
+    """The engine names the parameter it refuses (``bands``); the dialog names its field."""
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException, match="out of range") as caught:
+        run(
+            "trainmodel",
+            {
+                "BEFORE": taizhou["before"],
+                "AFTER": taizhou["after"],
+                "LABELS": weak_labels["file"],
+                "LABEL_FIELD": "change",
+                **TINY,
+                "BANDS": "1,2,42",
+                "OUTPUT": str(workdir / "never.kdmsi"),
+            },
+        )
+    assert "(see: Bands" in str(caught.value) and "--bands" not in str(caught.value)
+    assert not (workdir / "never.kdmsi").exists()
+
+
 def test_dialog_style_run_loads_styled_output_into_the_group(plugin, taizhou, workdir) -> None:
     """As from the toolbox: the output is loaded, styled from resources/styles, in our group."""
     import processing

@@ -4,6 +4,7 @@ and the dock's fields start at the values ``kdmsi run`` uses; and the quick chan
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,4 +116,44 @@ def test_dock_quick_preview_shows_both_layers(plugin, taizhou, tmp_path: Path) -
         assert (tmp_path / "preview" / "cva_change.tif").is_file()
     finally:
         dock.jobFinished.disconnect(finished.append)
+        group = project.layerTreeRoot().findGroup("KD-MSI: preview before")
+        if group is not None:
+            project.removeMapLayers([node.layerId() for node in group.findLayers()])
+            project.layerTreeRoot().removeChildNode(group)
         project.removeMapLayers([before.id(), after.id()])
+
+
+def test_a_new_dock_fits_the_images_of_the_project(plugin, repo_root, shared_data, tmp_path):
+    """A first session on the sample: before and after on the two dates (not the same layer),
+    64 px tiles for 30 m Landsat (the engine's 256 px would give four tiles, all touching a
+    change), and small tiles for a 256 px aerial chip; a tile size the user set stays."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    from kdmsi_engine import defaults as d
+    from kdmsi_qgis.dock import KdmsiDock, suggested_tile_size
+
+    sample = tmp_path / "sample"  # a copy: QGIS writes .aux.xml statistics beside rasters
+    shutil.copytree(repo_root / "resources" / "sample", sample)
+    project = QgsProject.instance()
+    after = QgsRasterLayer(str(sample / "taizhou_2003.tif"), "taizhou_2003", "gdal")
+    before = QgsRasterLayer(str(sample / "taizhou_2000.tif"), "taizhou_2000", "gdal")
+    project.addMapLayers([after, before])
+    dock = KdmsiDock()
+    try:
+        assert dock.before_combo.currentLayer().id() == before.id()
+        assert dock.after_combo.currentLayer().id() == after.id()
+        assert dock.tile_spin.value() == d.COARSE_TILE_SIZE == 64
+        assert dock.backbone_combo.currentText() == d.BACKBONE == "auto"
+        dock.tile_spin.setValue(128)
+        dock.before_combo.setLayer(after)
+        dock.before_combo.setLayer(before)
+        assert dock.tile_spin.value() == 128
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
+        project.removeMapLayers([before.id(), after.id()])
+    chip = QgsRasterLayer(
+        str(shared_data / "levir-cd-samples" / "A" / "test_2_0000_0000.png"), "chip"
+    )
+    assert chip.isValid() and chip.width() == 256
+    assert suggested_tile_size(chip) == 64  # 256 px would be one tile, 128 px two a side

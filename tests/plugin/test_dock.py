@@ -1,4 +1,5 @@
-"""The dock widget driven from code: set layers, run steps, results appear in the project."""
+"""The dock widget driven from code: it runs the Processing algorithms of the toolbox in
+Processing's task runner, results appear in the project, and a first session does not trip."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def project_layers(plugin, taizhou, weak_labels):
     after = QgsRasterLayer(taizhou["after"], "taizhou 2003", "gdal")
     labels = QgsVectorLayer(weak_labels["file"], "weak labels", "ogr")
     assert before.isValid() and after.isValid() and labels.isValid()
-    project.addMapLayers([before, after, labels])
+    project.addMapLayers([after, before, labels])  # not in date order on purpose
     yield {"before": before, "after": after, "labels": labels}
     project.removeAllMapLayers()
     project.layerTreeRoot().removeAllChildren()
@@ -28,8 +29,6 @@ def project_layers(plugin, taizhou, weak_labels):
 @pytest.fixture(scope="module")
 def dock(plugin, project_layers, tmp_path_factory):
     dock = plugin.ensure_dock()
-    dock.before_combo.setLayer(project_layers["before"])
-    dock.after_combo.setLayer(project_layers["after"])
     dock.labels_combo.setLayer(project_layers["labels"])
     dock.field_combo.setField("change")
     dock.output_widget.setFilePath(str(tmp_path_factory.mktemp("dock")))
@@ -51,6 +50,12 @@ def group_layers(name: str) -> dict[str, object]:
     return {node.layer().name(): node.layer() for node in group.findLayers()}
 
 
+def visible(layer) -> bool:
+    from qgis.core import QgsProject
+
+    return QgsProject.instance().layerTreeRoot().findLayer(layer.id()).isVisible()
+
+
 def run_step(dock, button, timeout: float = 240.0):
     finished: list = []
     dock.jobFinished.connect(finished.append)
@@ -64,26 +69,52 @@ def run_step(dock, button, timeout: float = 240.0):
     return finished[0]
 
 
-def test_dock_is_in_the_main_window(dock, iface) -> None:
+def last_log_line(dock) -> str:
+    return dock.log_view.toPlainText().splitlines()[-1]
+
+
+def test_dock_starts_on_two_dates_in_order(dock, iface, project_layers) -> None:
     assert dock in iface.docks
+    # added after, before: the dock still offers 2000 as before and 2003 as after
+    assert dock.before_combo.currentLayer().id() == project_layers["before"].id()
+    assert dock.after_combo.currentLayer().id() == project_layers["after"].id()
     assert dock.field_combo.currentField() == "change"
     assert dock.labels_combo.currentLayer().name() == "weak labels"
 
 
-def test_dock_creates_the_labelling_grid_without_blocking(dock, project_layers) -> None:
+def test_run_chain_dialog_starts_on_two_dates(dock, project_layers) -> None:
     from qgis.core import QgsApplication
 
+    chain = QgsApplication.processingRegistry().createAlgorithmById("kdmsi:runchain")
+    before = chain.parameterDefinition("BEFORE").defaultValue()
+    after = chain.parameterDefinition("AFTER").defaultValue()
+    assert (before, after) == (project_layers["before"].id(), project_layers["after"].id())
+    assert "efficientnet-lite0" in chain.shortHelpString()
+    assert "resnet18" not in chain.shortHelpString()
+
+
+def test_dock_creates_the_labelling_grid_in_a_processing_task(dock, project_layers) -> None:
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask
+
     ticks = []
+    runner_tasks = []
     started = time.monotonic()
     dock.grid_button.click()
-    # the interface keeps running while the worker works
+    # the interface keeps running while Processing's task runner runs the algorithm
     while dock.is_running():
         QgsApplication.processEvents()
+        runner_tasks += [
+            t
+            for t in QgsApplication.taskManager().activeTasks()
+            if isinstance(t, QgsProcessingAlgRunnerTask)
+        ]
         ticks.append(time.monotonic())
         time.sleep(0.02)
         assert time.monotonic() - started < 120
     result = dock.last_result
     assert result.success, result.error
+    assert runner_tasks, "the dock should run the algorithm through QgsProcessingAlgRunnerTask"
+    assert result.outputs["grid"]["OUTPUT"].endswith("labelling_grid.gpkg")
     assert max(b - a for a, b in zip(ticks, ticks[1:])) < 1.0
     layers = group_layers("KD-MSI: taizhou 2000")
     grid = layers["Labelling grid"]
@@ -92,6 +123,17 @@ def test_dock_creates_the_labelling_grid_without_blocking(dock, project_layers) 
     assert dock.progress_bar.value() == 100
     # the analyst labels the new grid next: the dock offers it as the weak-label layer
     assert dock.labels_combo.currentLayer().id() == grid.id()
+    dock.labels_combo.setLayer(project_layers["labels"])
+    dock.field_combo.setField("change")
+
+
+def test_existing_outputs_need_the_replace_box(dock) -> None:
+    assert not dock.overwrite_check.isChecked()
+    dock.grid_button.click()
+    assert not dock.is_running()
+    message = last_log_line(dock)
+    assert "labelling_grid.gpkg already exists" in message
+    assert "Replace existing outputs" in message and "--overwrite" not in message
 
 
 def test_dock_reports_bad_input_in_the_log(dock) -> None:
@@ -100,9 +142,22 @@ def test_dock_reports_bad_input_in_the_log(dock) -> None:
     try:
         dock.grid_button.click()
         assert not dock.is_running()
-        assert "output folder" in dock.log_view.toPlainText().splitlines()[-1]
+        assert "output folder" in last_log_line(dock)
     finally:
         dock.output_widget.setFilePath(previous)
+
+
+def test_threshold_box_takes_rules_and_numbers(dock) -> None:
+    for text, expected in (("auto", "auto"), ("otsu", "otsu"), (" 0.3 ", "0.3")):
+        dock.threshold_combo.setCurrentText(text)
+        assert dock._threshold() == expected
+    dock.threshold_combo.setCurrentText("half")
+    try:
+        dock.train_button.click()
+        assert not dock.is_running()
+        assert "threshold 'half'" in last_log_line(dock)
+    finally:
+        dock.threshold_combo.setCurrentText("unchanged-q")
 
 
 def test_menu_action_checks_the_environment(dock, iface) -> None:
@@ -119,57 +174,115 @@ def test_menu_action_checks_the_environment(dock, iface) -> None:
         dock.jobFinished.disconnect(finished.append)
     result = finished[0]
     assert result.success, result.error
-    report = result.result
+    report = result.outputs["env"]
     assert report["python"] == sys.executable and report["ok"], report
     assert report["torch"].startswith("2.") and report["device"] == "cpu"
     assert report["rasterio"] and report["gdal"].startswith("3.")
     text = dock.log_view.toPlainText()
     assert "torch: 2." in text and "Device: cpu" in text and "GPU:" in text
+    assert dock.progress_bar.value() == 100
 
 
-def test_dock_cancel_stops_training(dock) -> None:
+def test_failed_environment_check_is_one_line_and_does_not_linger(dock, iface, monkeypatch):
+    """A failed check: the bar is not full, the long report stays in the log (the stage label
+    keeps one short line, the fields keep their size), and the next message replaces the
+    warning instead of letting it come back later."""
+    from qgis.PyQt.QtWidgets import QScrollArea
+
+    monkeypatch.setenv("KDMSI_PYTHON", "/nonexistent/python3")
+    heights = {w: w.height() for w in (dock.tile_spin, dock.output_widget, dock.threshold_combo)}
+    finished: list = []
+    dock.jobFinished.connect(finished.append)
+    try:
+        dock.python_widget.blockSignals(True)  # not into the user's settings
+        dock.python_widget.setFilePath("/nonexistent/python3")
+        dock.env_button.click()
+        wait_for(lambda: bool(finished), 60)
+    finally:
+        dock.jobFinished.disconnect(finished.append)
+        dock.python_widget.setFilePath(sys.executable)
+        dock.python_widget.blockSignals(False)
+    assert not finished[0].success
+    assert dock.progress_bar.value() == 0
+    assert "\n" not in dock.stage_label.text() and len(dock.stage_label.text()) <= 110
+    assert "nonexistent" in dock.stage_label.toolTip()
+    # one line high whatever it says, and the fields in a scroll area keep their height
+    assert dock.stage_label.sizeHint().height() < 2 * dock.stage_label.fontMetrics().lineSpacing()
+    assert isinstance(dock.widget(), QScrollArea) and dock.widget().widgetResizable()
+    for widget, height in heights.items():
+        assert widget.height() == height
+    bar = iface.messageBar()
+    assert len(bar.items()) == 1
+    dock._message("a later message", warning=False)
+    assert len(bar.items()) == 1  # the old warning is gone, not waiting under the new one
+
+
+def test_dock_cancel_keeps_a_checkpoint_and_offers_resume(dock) -> None:
+    folder = Path(dock.output_widget.filePath()) / "training"
+    checkpoint = folder / "student.kdmsi.ckpt"
     finished: list = []
     dock.jobFinished.connect(finished.append)
     dock.epochs_spin.setValue(500)
     try:
         dock.train_button.click()
-        wait_for(lambda: dock.stage_label.text().split(":")[0] not in ("Train", ""), 120)
+        wait_for(checkpoint.is_file, 120)  # at least one epoch done
         dock.cancel_button.click()
         cancelled_at = time.monotonic()
         wait_for(lambda: bool(finished), 30)
         assert time.monotonic() - cancelled_at < 10
+        result = finished.pop()
+        assert result.cancelled and not result.success and result.step == "train"
+        assert not (folder / "student.kdmsi").exists()
+        assert [p.name for p in folder.iterdir()] == ["student.kdmsi.ckpt"]
+        # the dock says where the checkpoint is and offers to go on from it
+        assert dock.resume_box.isVisibleTo(dock)
+        assert "training/student.kdmsi.ckpt" in dock.resume_label.text()
+        assert dock.train_button.isEnabled() and dock.resume_button.isEnabled()
+        dock.resume_button.click()
+        wait_for(lambda: "resuming from" in dock.log_view.toPlainText(), 120)
+        dock.cancel_button.click()
+        wait_for(lambda: bool(finished), 30)
+        assert finished[0].cancelled
     finally:
         dock.jobFinished.disconnect(finished.append)
         dock.epochs_spin.setValue(1)
-    result = finished[0]
-    assert result.cancelled and not result.success
-    folder = Path(dock.output_widget.filePath()) / "training"
-    assert not (folder / "student.kdmsi").exists()
-    assert [p.name for p in folder.iterdir() if "ckpt" not in p.name] == []
-    assert dock.train_button.isEnabled()
+    dock.discard_button.click()
+    assert not checkpoint.exists() and not dock.resume_box.isVisibleTo(dock)
 
 
 @pytest.mark.slow
-def test_dock_run_all_puts_styled_results_in_one_group(dock, project_layers) -> None:
+def test_dock_run_all_shows_the_answer_first(dock, project_layers) -> None:
     dock.labels_combo.setLayer(project_layers["labels"])
     dock.field_combo.setField("change")
     result = run_step(dock, dock.run_button, 400)
     assert result.success, result.error
+    assert set(result.outputs["run"]) >= {"CHANGE", "CHANGES", "PROBABILITY", "PSEUDO_LABELS"}
     layers = group_layers("KD-MSI: taizhou 2000")
     for name in ("Change probability", "Change", "Change polygons"):
         assert name in layers, name
         assert layers[name].isValid() and layers[name].crs().authid() == "EPSG:32651"
     assert layers["Change probability"].renderer().type() == "singlebandpseudocolor"
     assert layers["Change"].renderer().type() == "paletted"
-    assert "MSI change probability (KD-MSI)" in layers and "Pseudo labels" in layers
-    assert "Calibrated change vector analysis" in layers
-    # the trust report: agreement with the weak labels, in the log
-    assert "agrees with" in dock.log_view.toPlainText()
-    assert 0 <= result.result["trust"]["tile_agreement"] <= 1
-    names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
-    assert (
-        names.index("Change polygons") < names.index("Change") < names.index("Change probability")
+    # the answer on, the intermediate layers there but off
+    assert visible(layers["Change polygons"]) and visible(layers["Change probability"])
+    intermediate = (
+        "MSI change probability (KD-MSI)",
+        "Pseudo labels",
+        "Calibrated change vector analysis",
+        "Change",
     )
+    for name in intermediate:
+        assert name in layers and not visible(layers[name]), name
+    assert visible(project_layers["after"])
+    # the trust report: agreement with the weak labels, in the log, which shows its end
+    assert "agrees with" in dock.log_view.toPlainText()
+    assert 0 <= result.outputs["trust"]["tile_agreement"] <= 1
+    bar = dock.log_view.verticalScrollBar()
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()
+    assert dock.log_view.minimumHeight() >= 12 * dock.log_view.fontMetrics().lineSpacing()
+    names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]
+    assert names.index("Change polygons") < names.index("Change probability")
+    assert not dock.resume_box.isVisibleTo(dock)  # finished trainings leave no checkpoint
 
 
 def test_dock_detects_with_the_detector_of_the_run(dock) -> None:
@@ -177,7 +290,7 @@ def test_dock_detects_with_the_detector_of_the_run(dock) -> None:
     assert model.name == "detector.kdmsi" and model.is_file()  # set by Run all
     result = run_step(dock, dock.detect_button, 200)
     assert result.success, result.error
-    assert Path(result.result["change"]).parent.name == "detection"
+    assert Path(result.outputs["detect"]["CHANGE"]).parent.name == "detection"
     layers = group_layers("KD-MSI: taizhou 2000")
     assert Path(layers["Change"].source()).parent.name == "detection"  # replaced, not doubled
     names = [n.layer().name() for n in _group("KD-MSI: taizhou 2000").findLayers()]

@@ -51,7 +51,7 @@ def _algorithms():
     return ALGORITHM_CLASSES
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_engine_parses_every_algorithms_command(index, plugin, repo_root, tmp_path) -> None:
     from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject
 
@@ -59,7 +59,7 @@ def test_engine_parses_every_algorithms_command(index, plugin, repo_root, tmp_pa
     from kdmsi_qgis import worker
 
     classes = _algorithms()
-    assert len(classes) == 11, "update the parametrization to the number of algorithms"
+    assert len(classes) == 12, "update the parametrization to the number of algorithms"
     algorithm = classes[index]()
     algorithm.initAlgorithm()
     context = QgsProcessingContext()

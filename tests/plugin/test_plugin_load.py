@@ -17,6 +17,7 @@ EXPECTED = {
     "vectorize",
     "evaluate",
     "exportdetector",
+    "suggesttiles",
 }
 
 
