@@ -115,6 +115,11 @@ def rank_order(scores: np.ndarray, tile_ids: np.ndarray) -> np.ndarray:
     return np.lexsort((np.asarray(tile_ids), -np.asarray(scores, dtype=np.float64)))
 
 
+def _window(values: np.ndarray) -> tuple[int, int, int, int]:
+    row, col, height, width = (int(v) for v in values)
+    return row, col, height, width
+
+
 def tile_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     """Pixels between two windows ``(row, col, height, width)`` along rows or columns
     (the larger of the two; 0 for touching tiles, negative for overlapping ones)."""
@@ -133,8 +138,9 @@ def spaced_selection(
         return [int(i) for i in order[:count]]
     chosen: list[int] = []
     for index in order:
-        window = tuple(int(v) for v in windows[index])
-        if all(tile_gap(window, tuple(windows[j])) >= min_gap_pixels for j in chosen):
+        row, col, height, width = (int(v) for v in windows[index])
+        window = (row, col, height, width)
+        if all(tile_gap(window, _window(windows[j])) >= min_gap_pixels for j in chosen):
             chosen.append(int(index))
             if len(chosen) == count:
                 break
