@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from rasterio.windows import Window
 
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.errors import InputError, RasterError
 from kdmsi_engine.progress import Progress
@@ -183,7 +184,7 @@ def cva_scene(
     *,
     bands: object = None,
     change_path: str | os.PathLike[str] | None = None,
-    threshold: float | str = "otsu",
+    threshold: float | str = defaults.CVA_THRESHOLD,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:

@@ -451,6 +451,7 @@ def suggest_tiles(
     Raises:
         InputError, LabelError, RasterError, OutputError: bad input; nothing is written.
     """
+    # Longer than 80 lines: the job's documented parameters; each step is a helper above.
     progress = progress or Progress()
     check_parameters(count, min_gap, min_valid_fraction)
     spec = parse_suggest_threshold(threshold)

@@ -186,6 +186,7 @@ def train_detector(
     Returns:
         ``{"model": path, "tiles": n, "epochs": e, "final_loss": x, "device": ..., "seconds": s}``.
     """
+    # Longer than 80 lines: the job's documented keyword parameters, turned into one DetectorConfig.
     if scenes is not None:
         if before or after or pseudo:
             raise InputError(
@@ -428,6 +429,7 @@ def train_detector_scenes(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train a detector on the given scenes and write it; see :func:`train_detector`."""
+    # Longer than 80 lines: opening the scenes and pseudo labels, closing them whatever happens, and the record.
     progress = progress or Progress()
     config = config or DetectorConfig()
     config.check()

@@ -228,6 +228,7 @@ def train_kdmsi(
         OutputError: ``out`` exists without ``overwrite``.
         CancelledError: cancelled; the checkpoint of the last finished epoch is kept.
     """
+    # Longer than 80 lines: the job's documented keyword parameters, turned into one KDConfig, and its three data sources.
     progress = progress or Progress()
     given = [
         before is not None or after is not None or labels is not None,
