@@ -46,6 +46,7 @@ from kdmsi_engine.rasterio_out import (
     strip_windows,
     write_uint8_classes,
 )
+from kdmsi_engine.results import CvaResult, EvidenceResult
 from kdmsi_engine.thresholds import Histogram, parse_threshold_spec
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def cva_scene(
     threshold: float | str = defaults.CVA_THRESHOLD,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> CvaResult:
     """Plain change vector analysis of a scene pair (no labels, no training).
 
     Args:
@@ -287,7 +288,7 @@ def calibrated_cva_scene(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> EvidenceResult:
     """Write the label-calibrated CVA map of an open scene (see the module docs).
 
     Args:

@@ -52,6 +52,7 @@ from kdmsi_engine.rasterio_out import (
     strip_windows,
     valid_values,
 )
+from kdmsi_engine.results import PseudoResult
 from kdmsi_engine.thresholds import (  # noqa: F401 (re-exported)
     HIST_BINS,
     otsu_threshold,
@@ -277,7 +278,7 @@ def make_pseudo_labels(
     held_out: np.ndarray | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> PseudoResult:
     """Write pseudo labels (uint8: 1 change, 0 background, 255 ignore) from a probability map.
 
     Args:
@@ -345,7 +346,7 @@ def make_pseudo_labels(
             )
     if counts["changed"] == 0:
         logger.warning("no tile is labelled changed: the pseudo labels hold no change")
-    result: dict[str, Any] = {
+    result: PseudoResult = {
         "output": str(target),
         "threshold": round(value, 6),
         "threshold_method": mode if isinstance(mode, str) else "fixed",

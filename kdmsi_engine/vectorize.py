@@ -46,6 +46,7 @@ from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.data.raster import open_raster
 from kdmsi_engine.errors import InputError, RasterError
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import VectorizeResult
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def vectorize_changes(
     block_size: int = 1024,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> VectorizeResult:
     """Polygonise the change pixels (value 1) of ``change_path`` into a GeoPackage.
 
     Args:
@@ -246,7 +247,7 @@ def _write_polygons(
     scene_name: str,
     block_size: int,
     progress: Progress,
-) -> dict[str, Any]:
+) -> VectorizeResult:
     height, width = change_ds.height, change_ds.width
     src_crs = change_ds.crs
     geodesic = src_crs is not None and src_crs.is_geographic
@@ -314,6 +315,7 @@ def _write_polygons(
         "change_area_m2": round(state.total_area, 3),
         "crs": write_crs.to_string() if write_crs is not None else None,
         "layer": LAYER_NAME,
+        "changes": "",
     }
 
 

@@ -10,6 +10,7 @@ reports success. NEW is written atomically and only replaces an existing file wi
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine.progress import Progress
@@ -34,7 +35,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     from kdmsi_engine.modelfile import convert_model
 
     progress.stage(NAME, total=1, message=f"converting {args.old}")

@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Any) -> Mapping[str, Any]:
     progress.stage(NAME, total=len(_PACKAGES), message="checking the Python environment")
     report = environment_report(getattr(args, "device", "auto") or "auto")
     progress.advance(len(_PACKAGES))
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress == "json":
         reporter = JsonReporter()
         report = _handle(args, Progress(reporter))
-        reporter(ProgressEvent("result", NAME, data=report))
+        reporter(ProgressEvent("result", NAME, data=dict(report)))
     else:
         print(json.dumps(environment_report(args.device), indent=2, default=str))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine.progress import Progress
@@ -52,7 +53,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any] | None:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any] | None:
     from kdmsi_engine.metrics import evaluate_rasters
     from kdmsi_engine.thresholds import raster_threshold
 

@@ -10,6 +10,7 @@ raster as a VRT, the one layer Deepness takes. Needs the ``onnx``, ``onnxscript`
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine import defaults as d
@@ -61,7 +62,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     from kdmsi_engine.export import export_detector
 
     return export_detector(

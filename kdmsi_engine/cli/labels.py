@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine.cli.grid import add_scene_options
@@ -39,7 +40,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     if args.dataset is None and (args.before is None or args.after is None):
         raise InputError("give BEFORE AFTER --labels FILE, or --dataset DIR")
     from kdmsi_engine.data.jobs import write_tile_labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine import defaults as d
@@ -47,7 +48,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     from kdmsi_engine.pseudo import make_pseudo_labels
 
     return make_pseudo_labels(

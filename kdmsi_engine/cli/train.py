@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine import defaults as d
@@ -99,7 +100,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     with distributed.launched(args.device) as device:
         return _train(args, device, progress)
 

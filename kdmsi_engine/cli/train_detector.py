@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from kdmsi_engine import defaults as d
@@ -104,14 +105,14 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _handle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
     from kdmsi_engine.training import distributed
 
     with distributed.launched(args.device) as device:
         return _train(args, device, progress)
 
 
-def _train(args: argparse.Namespace, device: str, progress: Progress) -> dict[str, Any]:
+def _train(args: argparse.Namespace, device: str, progress: Progress) -> Mapping[str, Any]:
     from kdmsi_engine.training.detector import train_detector
 
     return train_detector(

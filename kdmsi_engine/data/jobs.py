@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import geopandas as gpd
 import pandas as pd
@@ -24,6 +24,7 @@ from kdmsi_engine.data.tiling import (
 )
 from kdmsi_engine.errors import InputError, OutputError
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import GridResult, LabelsResult
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def write_labelling_grid(
     resolution: object = None,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> GridResult:
     """Write the labelling grid GeoPackage of a scene (``kdmsi grid``).
 
     Returns:
@@ -91,7 +92,7 @@ def write_tile_labels(
     resolution: object = None,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> LabelsResult:
     """Write per-tile labels (``kdmsi labels``) as a GeoPackage layer or a CSV table.
 
     Either ``before``, ``after`` and ``labels`` (weak labels by the touching rule), or
@@ -149,7 +150,13 @@ def write_tile_labels(
     progress.stage("write", message=str(target))
     write_label_table(tiles, target, overwrite=overwrite)
     counts = label_counts(tiles["label"])
-    return {"output": str(target), "tiles": len(tiles), **counts}
+    return {
+        "output": str(target),
+        "tiles": len(tiles),
+        "changed": counts["changed"],
+        "unchanged": counts["unchanged"],
+        "unlabelled": counts["unlabelled"],
+    }
 
 
 def write_label_table(tiles: gpd.GeoDataFrame, path: Path, *, overwrite: bool = False) -> Path:

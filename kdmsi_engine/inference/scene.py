@@ -31,6 +31,7 @@ from kdmsi_engine.errors import InputError, ModelFileError, RasterError
 from kdmsi_engine.inference.maps import parse_scales
 from kdmsi_engine.inference.sliding import check_window_params, predict_scene
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import InferResult
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def infer_scene(
     device: str = "auto",
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> InferResult:
     """Write a change-probability GeoTIFF of a scene pair from a KD-MSI model.
 
     Args:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,7 @@ def tiles_and_evidence(
     overwrite: bool,
     reuse: bool,
     progress: Progress,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, Mapping[str, Any]]:
     """The scene's tile labels (the touching rule on the KD tile grid), the tiles held out of
     the detector's training (bool per tile, or ``None``) and, when the pseudo labels or the
     final map use it, the calibrated change vector analysis (``EVIDENCE_NAME``), fitted on the
@@ -114,7 +114,7 @@ def tiles_and_evidence(
 
     spec, evidence_path = work.spec, work.folder / EVIDENCE_NAME
     needed = config.pseudo_source != "msi" or config.fuse_evidence
-    info: dict[str, Any] = {}
+    info: Mapping[str, Any] = {}
     with ScenePair.open(spec.before, spec.after, bands=config.bands, name=spec.name) as scene:
         frame = labelled_tiles(
             scene,

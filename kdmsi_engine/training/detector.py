@@ -59,6 +59,7 @@ from kdmsi_engine.models.deeplab import (
     build_detector,
 )
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import DetectorTrainResult
 from kdmsi_engine.training import distributed
 from kdmsi_engine.training.common import (
     augment_batch,
@@ -162,7 +163,7 @@ def train_detector(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> DetectorTrainResult:
     """Train a detector on one scene (``before``, ``after``, ``pseudo``) or a manifest.
 
     Args:
@@ -427,7 +428,7 @@ def train_detector_scenes(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> DetectorTrainResult:
     """Train a detector on the given scenes and write it; see :func:`train_detector`."""
     # Longer than 80 lines: opening the scenes and pseudo labels, closing them whatever happens, and the record.
     progress = progress or Progress()

@@ -49,6 +49,7 @@ from kdmsi_engine.modelfile import save_model
 from kdmsi_engine.models.backbones import BACKBONES, resolve_backbone
 from kdmsi_engine.models.kdmsi import MODEL_KIND, SiameseCAMNet, architecture, build_kdmsi_models
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import TrainResult
 from kdmsi_engine.training import distributed
 from kdmsi_engine.training.common import (
     augment_batch,
@@ -212,7 +213,7 @@ def train_kdmsi(
     precision: str = "auto",
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train a KD-MSI teacher and student; write the model file ``out``.
 
     Give exactly one data source: ``before``/``after`` with ``labels`` (a weak-label vector
@@ -384,7 +385,7 @@ def fit_kdmsi(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train on a prepared training set; return a summary and, with ``out``, write the model.
 
     The summary always holds the trained ``teacher`` and ``student`` under ``networks`` and the
@@ -467,7 +468,7 @@ def fit_kdmsi(
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    result: dict[str, Any] = {
+    result: TrainResult = {
         "tiles": len(tset.tiles),
         "changed_tiles": tset.num_changed,
         "unchanged_tiles": tset.num_unchanged,
@@ -477,7 +478,9 @@ def fit_kdmsi(
         "seconds": round(fitted.seconds, 1),
         "final_loss": fitted.final_loss,
         "teacher_separation": separation,
-        **_batch_result(fitted.batch),
+        "processes": fitted.batch.get("processes", 1),
+        "per_process_batch": fitted.batch.get("per_process_batch"),
+        "global_batch": fitted.batch.get("global_batch"),
     }
     if out_path is not None:
         if group.is_main:
@@ -495,15 +498,6 @@ def fit_kdmsi(
     result["networks"] = {"teacher": teacher, "student": student}
     result["metadata"] = metadata
     return result
-
-
-def _batch_result(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch sizes for a job's result (and so ``run.json``)."""
-    return {
-        "processes": batch.get("processes", 1),
-        "per_process_batch": batch.get("per_process_batch"),
-        "global_batch": batch.get("global_batch"),
-    }
 
 
 def _metadata(tset: TrainingSet, arch: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
