@@ -35,6 +35,7 @@ from rasterio.windows import Window
 from kdmsi_engine.errors import GridError, InputError, RasterError
 from kdmsi_engine.progress import Progress
 from kdmsi_engine.rasterio_out import bounded_gdal_cache, check_threshold, open_raster
+from kdmsi_engine.results import EvaluateResult, Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else 0.0
 
 
-def metrics_from_confusion(c: Confusion) -> dict[str, Any]:
+def metrics_from_confusion(c: Confusion) -> Metrics:
     """The paper's metrics (and the counts) from confusion counts, as a JSON-ready dict."""
     precision = _ratio(c.tp, c.tp + c.fp)
     recall = _ratio(c.tp, c.tp + c.fn)
@@ -260,7 +261,7 @@ def evaluate_rasters(
     truth_values: Sequence[float] | None = None,
     truth_nodata: float | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> EvaluateResult:
     """Evaluate a prediction raster against a truth raster.
 
     Args:
@@ -327,7 +328,7 @@ def evaluate_rasters(
                     progress.advance()
         finally:
             reader.close()
-        result: dict[str, Any] = {
+        result: EvaluateResult = {
             "pred": str(Path(pred_path)),
             "truth": str(Path(truth_path)),
             "pred_kind": "probability" if floating else "classes",
@@ -342,7 +343,7 @@ def evaluate_rasters(
         )
     result.update(metrics_from_confusion(total))
     if thresholds:
-        records = []
+        records: list[dict[str, Any]] = []
         for t, c in zip(thresholds, swept):
             m = metrics_from_confusion(c)
             records.append({"threshold": t, **{k: v for k, v in m.items() if k != "counts"}})

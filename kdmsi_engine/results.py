@@ -128,3 +128,114 @@ class VectorizeResult(TypedDict):
     layer: str
     #: the GeoPackage written
     changes: str
+
+
+class Metrics(TypedDict, total=False):
+    """The paper's change metrics from confusion counts (``nochange_*``: the other class)."""
+
+    oa: float | None
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    iou: float | None
+    nochange_precision: float | None
+    nochange_recall: float | None
+    nochange_f1: float | None
+    nochange_iou: float | None
+    miou: float | None
+    mean_f1: float | None
+    fp_share: float | None
+    fn_share: float | None
+    counts: dict[str, int]
+    pixels: int
+    change_fraction_truth: float | None
+    change_fraction_pred: float | None
+
+
+class EvaluateResult(Metrics, total=False):
+    """``kdmsi evaluate``: metrics of a map against a truth raster (``sweep``/``best`` with a
+    threshold sweep)."""
+
+    pred: str
+    truth: str
+    pred_kind: str
+    threshold: float | None
+    truth_reprojected: bool
+    sweep: list[dict[str, Any]]
+    best: dict[str, Any]
+
+
+class SuggestResult(TypedDict, total=False):
+    """``kdmsi suggest``: the tiles to label next (``tiles``: their ids, best first)."""
+
+    output: str
+    layer: str
+    suggested: int
+    requested: int
+    candidates: int
+    changed: int
+    unchanged: int
+    unlabelled: int
+    threshold: float
+    threshold_method: str
+    measure: str
+    tile_size: int
+    min_gap: float
+    tiles: list[int]
+
+
+class ExportResult(TypedDict, total=False):
+    """``kdmsi export``: the ONNX file (and VRT), checked against torch on a probe tile."""
+
+    onnx: str
+    vrt: str
+    verified_max_abs_diff: float
+    probe: str
+    opset: int
+    tile_size: int
+    bands: list[int]
+    input: str
+    output: str
+    resolution_cm: float | None
+    vrt_resolution: list[float]
+    scaling_source: str
+    metadata: dict[str, Any]
+
+
+class RunRecord(TypedDict, total=False):
+    """``kdmsi run``: the record written to ``run.json`` (``metrics`` with a truth raster)."""
+
+    job: str
+    status: str
+    scene: str
+    inputs: dict[str, Any]
+    parameters: dict[str, Any]
+    backbone_choice: dict[str, str]
+    device: str
+    versions: dict[str, str]
+    grid: dict[str, Any]
+    stages: dict[str, Any]
+    trust: dict[str, Any] | None
+    polygons: int
+    change_area_m2: float
+    outputs: dict[str, str]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+
+class BatchRecord(TypedDict, total=False):
+    """``kdmsi batch``: the record written to ``batch.json`` (per scene: ``complete``,
+    ``skipped`` or ``failed`` with the reason; ``cluster`` when run on Dask)."""
+
+    job: str
+    status: str
+    manifest: str
+    parameters: dict[str, Any]
+    device: str
+    versions: dict[str, str]
+    training: dict[str, Any]
+    scenes: list[dict[str, Any]]
+    cluster: dict[str, Any]
+    counts: dict[str, int]
+    seconds: float
+    batch_record: str

@@ -70,6 +70,7 @@ from kdmsi_engine.data.tiling import (
 from kdmsi_engine.errors import InputError, LabelError, OutputError, RasterError
 from kdmsi_engine.progress import Progress
 from kdmsi_engine.rasterio_out import open_raster, valid_values
+from kdmsi_engine.results import SuggestResult
 from kdmsi_engine.thresholds import UNCHANGED_Q, parse_threshold_spec, raster_threshold
 
 logger = logging.getLogger(__name__)
@@ -423,7 +424,7 @@ def suggest_tiles(
     band: int = 1,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> SuggestResult:
     """Write the ``count`` unlabelled tiles the map is least sure about (``kdmsi suggest``).
 
     Args:
@@ -482,7 +483,9 @@ def suggest_tiles(
         "suggested": len(frame),
         "requested": int(count),
         "candidates": len(candidates),
-        **counts,
+        "changed": counts["changed"],
+        "unchanged": counts["unchanged"],
+        "unlabelled": counts["unlabelled"],
         "threshold": round(chosen_threshold.value, 6),
         "threshold_method": chosen_threshold.method,
         "measure": "uncertainty = 1 - |2 * change_share - 1|",

@@ -48,6 +48,7 @@ from kdmsi_engine.jobs.stages import (
     train_stages,
 )
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import BatchRecord
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def batch_scenes(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> BatchRecord:
     """Train once on the labelled scenes of ``manifest`` (or take ``model``); detect every scene.
 
     Args:
@@ -182,7 +183,7 @@ class Batch:
         self.detector_path = model or folder / defaults.DETECTOR_NAME
         self.started = time.monotonic()
         self.results: dict[str, dict[str, Any]] = {s.name: {"name": s.name} for s in specs}
-        self.record: dict[str, Any] = {
+        self.record: BatchRecord = {
             "job": "batch",
             "status": "running",
             "manifest": str(manifest.absolute()),
@@ -339,17 +340,15 @@ class Batch:
     def _teacher(self) -> dict[str, Any] | None:
         return self.record["training"].get("stages", {}).get("kd", {}).get("teacher_separation")
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> BatchRecord:
         """Count the scenes by state, save and return the batch record."""
         counts = {
             status: sum(1 for r in self.results.values() if r.get("status") == status)
             for status in ("complete", "skipped", "failed")
         }
-        self.record.update(
-            status="complete" if counts["failed"] == 0 else "complete-with-failures",
-            counts=counts,
-            seconds=round(time.monotonic() - self.started, 2),
-        )
+        self.record["status"] = "complete" if counts["failed"] == 0 else "complete-with-failures"
+        self.record["counts"] = counts
+        self.record["seconds"] = round(time.monotonic() - self.started, 2)
         if "cluster" in self.record:
             self.record["cluster"]["scenes_per_worker"] = _per_worker(self.results)
         self.save()

@@ -33,6 +33,7 @@ from kdmsi_engine.jobs.stages import (
     truth_metrics,
 )
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import RunRecord
 
 
 def run_outputs(folder: Path) -> dict[str, Path]:
@@ -64,7 +65,7 @@ def run_scene(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> RunRecord:
     """Run the whole chain on one scene pair with weak labels; write everything to ``out_dir``.
 
     Args:
@@ -125,7 +126,7 @@ def run_scene(
         ),
     )  # fmt: skip
     detection, trust = finished["detection"], finished["trust"]
-    record: dict[str, Any] = {
+    record: RunRecord = {
         "job": "run",
         "status": "complete",
         "scene": work.spec.name,
