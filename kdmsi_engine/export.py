@@ -57,6 +57,7 @@ from kdmsi_engine.atomic import atomic_output, check_output
 from kdmsi_engine.data.scaling import BandScaling
 from kdmsi_engine.errors import InputError, KdmsiError, ModelFileError, RasterError
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import ExportResult
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ def export_detector(
     vrt: tuple[Any, Any, Any] | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export a detector model file as an ONNX segmentation model (and optionally the VRT).
 
     Args:
@@ -574,17 +575,13 @@ def export_detector(
     vrt_out = (vrt_target, vrt_text) if vrt_target is not None and vrt_text else None
     result = _write_verified(proto, target, wrapper, scaling, tile, vrt_out, overwrite)
     progress.advance(2, message="verified")
-    result.update(
-        {
-            "model": str(source.absolute()),
-            "tile_size": tile,
-            "opset": opset,
-            "bands": bands,
-            "scaling": scaling_source,
-            "resolution_cm": json.loads(props["resolution"]) if "resolution" in props else None,
-            "metadata": {k: json.loads(v) for k, v in props.items() if not k.startswith("kdmsi")},
-        }
-    )
+    result["model"] = str(source.absolute())
+    result["tile_size"] = tile
+    result["opset"] = opset
+    result["bands"] = bands
+    result["scaling"] = scaling_source
+    result["resolution_cm"] = json.loads(props["resolution"]) if "resolution" in props else None
+    result["metadata"] = {k: json.loads(v) for k, v in props.items() if not k.startswith("kdmsi")}
     if vrt_text is not None:
         result["vrt_resolution"] = list(vrt_grid.res)
         _note_resolution(progress, vrt_grid, result["resolution_cm"])
@@ -626,12 +623,12 @@ def _write_verified(
     tile: int,
     vrt: tuple[Path, str] | None,
     overwrite: bool,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Write the VRT (if any) and the ONNX file, the ONNX checked against torch on a probe
     tile before either gets its name; on failure neither is written."""
     import onnx
 
-    result: dict[str, Any] = {"onnx": str(target)}
+    result: ExportResult = {"onnx": str(target)}
     with contextlib.ExitStack() as stack:
         vrt_tmp = None
         if vrt is not None:

@@ -191,14 +191,13 @@ class ExportResult(TypedDict, total=False):
     vrt: str
     verified_max_abs_diff: float
     probe: str
-    opset: int
+    model: str
     tile_size: int
+    opset: int
     bands: list[int]
-    input: str
-    output: str
+    scaling: str
     resolution_cm: float | None
     vrt_resolution: list[float]
-    scaling_source: str
     metadata: dict[str, Any]
 
 
