@@ -101,6 +101,7 @@ def write_tile_labels(
     Returns:
         ``{"output": path, "tiles": n, "changed": n1, "unchanged": n0, "unlabelled": n_1}``
     """
+    # Longer than 80 lines: the job's documented parameters and its two data sources (scene pair or folder dataset).
     progress = progress or Progress()
     target = check_output(out, overwrite=overwrite)
     suffix = target.suffix.lower()
