@@ -610,8 +610,16 @@ class KdmsiDock(QDockWidget):
             )
         )
         steps.append(Step("suggesttiles", parameters, "suggest"))
-        # the suggestions are replaced without asking: they are the answer to this click
-        return Plan(tr("Tiles to label next"), steps, folder, show=show, suggestions=output)
+        # the suggestions are replaced without asking: they are the answer to this click; a
+        # preview made on the way is added switched off, so it hides neither grid nor image
+        return Plan(
+            tr("Tiles to label next"),
+            steps,
+            folder,
+            show=show,
+            shown=frozenset(),
+            suggestions=output,
+        )
 
     def _plan_grid(self, resume: bool = False) -> Plan:
         folder = self._output_folder()
