@@ -11,6 +11,9 @@ switched on (change polygons over the probability map) and the intermediate laye
 "Label tiles" turns the canvas into a labelling tool over the grid of the chosen rasters and
 tile size (:mod:`kdmsi_qgis.labeltool`), made on the fly by "Create labelling grid" when there
 is none; the dock shows the live counts and says when training has enough of both kinds.
+"Tiles to label next" asks ``kdmsi:suggesttiles`` which unlabelled tiles the best map of the
+output folder is least sure about (:mod:`kdmsi_qgis.suggestions`), and "Next tile" zooms to
+each in rank order, skipping the ones labelled meanwhile, while "Label tiles" stays on.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from kdmsi_qgis import envcheck, labeltool, layers, settings, worker
+from kdmsi_qgis import envcheck, labeltool, layers, settings, suggestions, worker
 from kdmsi_qgis.algorithms.base import BACKBONES, METHODS, WEIGHTS
 from kdmsi_qgis.algorithms.maps import check_scales, threshold_argument
 from kdmsi_qgis.contract import D
@@ -123,6 +126,7 @@ class Plan:
         shown: the kinds switched on (the others are added switched off).
         protect: files that exist only if replaced on purpose ('Replace existing outputs').
         checkpoints: training checkpoints a cancelled run may leave.
+        suggestions: the tiles-to-label-next file the plan writes (shown in its own way).
     """
 
     title: str
@@ -132,6 +136,7 @@ class Plan:
     shown: frozenset[str] = layers.SHOWN_FIRST
     protect: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
+    suggestions: Path | None = None
 
 
 PlanBuilder = Callable[[bool], Plan]
@@ -167,6 +172,8 @@ class KdmsiDock(QDockWidget):
         self._was_ready = False
         self._message_item: Any = None
         self._tile_suggested = True
+        self.suggestions_layer: QgsVectorLayer | None = None
+        self.suggestion_steps: suggestions.SuggestionSteps | None = None
         self._build()
         self._set_running(False)
         self._pick_pair()
@@ -252,6 +259,10 @@ class KdmsiDock(QDockWidget):
         for button in (self.label_button, self.undo_button, self.redo_button):
             self.label_buttons.addWidget(button)
         column.addLayout(self.label_buttons)
+        column.addLayout(self._build_suggest_row(group))
+        self.suggest_label = QLabel("", group)
+        self.suggest_label.setWordWrap(True)
+        column.addWidget(self.suggest_label)
         self.counts_label = QLabel(tr("No labelling grid yet"), group)
         self.advice_label = QLabel("", group)
         self.advice_label.setWordWrap(True)
@@ -268,6 +279,30 @@ class KdmsiDock(QDockWidget):
             column.addWidget(widget)
         self._update_label_buttons()
         return group
+
+    def _build_suggest_row(self, group: QGroupBox) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.suggest_button = QPushButton(tr("Tiles to label next"), group)
+        self.suggest_button.setToolTip(
+            tr(
+                "The unlabelled tiles where the change map is least sure, ranked: the map of "
+                "the last run (or, before any training, the quick preview, made if needed) "
+                "with the labels so far"
+            )
+        )
+        self.suggest_button.clicked.connect(self.suggest_tiles)
+        self.suggest_count_spin = _spin(group, 1, 1000, D.SUGGEST_COUNT)
+        self.suggest_count_spin.setToolTip(tr("How many tiles to suggest"))
+        self.next_button = QPushButton(tr("Next tile"), group)
+        self.next_button.setToolTip(
+            tr("Zoom to the next suggested tile in rank order (the ones labelled are skipped)")
+        )
+        self.next_button.setEnabled(False)
+        self.next_button.clicked.connect(self.next_tile)
+        row.addWidget(self.suggest_button)
+        row.addWidget(self.suggest_count_spin)
+        row.addWidget(self.next_button)
+        return row
 
     def _build_options(self, body: QWidget) -> QGroupBox:
         options = QGroupBox(tr("Model and options"), body)
@@ -514,26 +549,76 @@ class KdmsiDock(QDockWidget):
     def run_all(self) -> None:
         self._start(self._plan_run)
 
+    def suggest_tiles(self) -> None:
+        """The unlabelled tiles the best map is least sure about, on the map, ranked."""
+        self._start(self._plan_suggest)
+
     def resume(self) -> None:
         """Run the interrupted action again, training going on from its checkpoint."""
         if self.resume_builder is not None:
             self._start(self.resume_builder, resume=True)
 
     def _plan_preview(self, resume: bool = False) -> Plan:
-        folder = self._output_folder() / "preview"
-        magnitude, change = folder / "cva.tif", folder / "cva_change.tif"
+        step, magnitude, change = self._preview_step()
+        return Plan(
+            tr("Quick preview"),
+            [step],
+            magnitude.parent,
+            show=[("preview", str(magnitude)), ("preview_change", str(change))],
+            protect=[magnitude, change],
+        )
+
+    def _preview_step(self) -> tuple[Step, Path, Path]:
+        """The quick preview's step and its two outputs (magnitude, change)."""
+        magnitude, change = _preview_files(self._output_folder())
         parameters = {
             **self._scene(),
             "THRESHOLD": D.CVA_THRESHOLD,
             "OUTPUT": str(magnitude),
             "CHANGE": str(change),
         }
+        return Step("quickpreview", parameters, "cva"), magnitude, change
+
+    def _plan_suggest(self, resume: bool = False) -> Plan:
+        """The ranked tiles to label next from the best map there is: the trained chain's,
+        else the quick preview, which runs first when there is none."""
+        folder = self._output_folder()
+        magnitude = _preview_files(folder)[0]
+        found = suggestions.change_map(folder, magnitude)
+        steps: list[Step] = []
+        show: list[tuple[str, str]] = []
+        if found is None:
+            step, magnitude, change = self._preview_step()
+            steps.append(step)
+            show = [("preview", str(magnitude)), ("preview_change", str(change))]
+            found = suggestions.ChangeMap(magnitude, tr("the quick change preview, made first"))
+        output = folder / suggestions.SUGGEST_FILE
+        labels, field_name = self._current_labels()
+        # a labelling grid gives its own tile size (0); polygons and points take the dock's
+        grid = labeltool.is_grid_layer(labels, field_name)
+        parameters: dict[str, Any] = {
+            "PROBABILITY": str(found.path),
+            "COUNT": self.suggest_count_spin.value(),
+            "TILE_SIZE": 0 if grid else self.tile_spin.value(),
+            "OUTPUT": str(output),
+        }
+        if labels is not None:
+            parameters.update({"LABELS": labels.id(), "LABEL_FIELD": field_name})
+        self._log(
+            tr("Tiles to label next from {} ({}), with the labels of {}").format(
+                found.what, found.path.name, labels.name() if labels is not None else tr("none yet")
+            )
+        )
+        steps.append(Step("suggesttiles", parameters, "suggest"))
+        # the suggestions are replaced without asking: they are the answer to this click; a
+        # preview made on the way is added switched off, so it hides neither grid nor image
         return Plan(
-            tr("Quick preview"),
-            [Step("quickpreview", parameters, "cva")],
+            tr("Tiles to label next"),
+            steps,
             folder,
-            show=[("preview", str(magnitude)), ("preview_change", str(change))],
-            protect=[magnitude, change],
+            show=show,
+            shown=frozenset(),
+            suggestions=output,
         )
 
     def _plan_grid(self, resume: bool = False) -> Plan:
@@ -766,6 +851,11 @@ class KdmsiDock(QDockWidget):
             QgsProject.instance(), map_outputs, self.group_name(), plan.shown
         )
         self._show_after_image()
+        if plan.suggestions is not None:
+            self._show_suggestions(plan.suggestions)
+            return
+        if self.suggestions_layer is not None:
+            suggestions.raise_layer(QgsProject.instance(), self.suggestions_layer)
         if "grid" in result.outputs and added:
             self._select_labels(added[0])
             if self._label_after_grid:
@@ -1019,11 +1109,91 @@ class KdmsiDock(QDockWidget):
         if counts.ready and not self._was_ready:
             self._message(counts.advice(), warning=False)
         self._was_ready = counts.ready
+        self._update_next_button()
 
     def _canvas(self) -> Any:
         if self.iface is None or not hasattr(self.iface, "mapCanvas"):
             return None
         return self.iface.mapCanvas()
+
+    # ------------------------------------------------------------------ tiles to label next
+
+    def _current_labels(self) -> tuple[QgsVectorLayer | None, str]:
+        """The labels so far and their field: the grid "Label tiles" edits, else the
+        weak-label layer (``None`` before any)."""
+        grid = self.grid_labels
+        if grid is not None and not sip.isdeleted(grid.layer):
+            return grid.layer, grid.field
+        layer = self.labels_combo.currentLayer()
+        field_name = self.field_combo.currentField() or D.LABEL_FIELD
+        return (layer if isinstance(layer, QgsVectorLayer) else None), field_name
+
+    def _show_suggestions(self, path: Path) -> None:
+        project = QgsProject.instance()
+        layer = suggestions.show_suggestions(project, path, self.group_name())
+        if layer is None:
+            self._forget_suggestions()
+            self._message(
+                tr("The tiles to label next did not load from {}").format(path), warning=True
+            )
+            return
+        self.suggestions_layer = layer
+        self.suggestion_steps = suggestions.SuggestionSteps(suggestions.read_suggestions(layer))
+        layer_id = layer.id()
+        layer.willBeDeleted.connect(lambda: self._suggestions_gone(layer_id))
+        count = len(self.suggestion_steps)
+        self.suggest_label.setText(
+            tr("{} tiles to label next, ranked: press Next tile to go to each").format(count)
+        )
+        self._update_next_button()
+        self._message(tr("{} tiles to label next (rank 1 first)").format(count), warning=False)
+
+    def next_tile(self) -> None:
+        """Zoom to the next suggested tile in rank order that is still unlabelled."""
+        steps, layer = self.suggestion_steps, self.suggestions_layer
+        if steps is None or layer is None or sip.isdeleted(layer):
+            return
+        labelled = self._labelled_test(layer)
+        suggestion = steps.next(labelled)
+        if suggestion is None:
+            self.suggest_label.setText(
+                tr(
+                    "All {} suggested tiles are labelled: run the chain again, then ask for "
+                    "the tiles to label next"
+                ).format(len(steps))
+            )
+            self.next_button.setEnabled(False)
+            return
+        canvas = self._canvas()
+        if canvas is not None:
+            suggestions.zoom_to(canvas, layer, suggestion)
+        left = steps.remaining(labelled)
+        self.suggest_label.setText(
+            tr("Tile {} of {} ({} still to label)").format(suggestion.rank, len(steps), left)
+        )
+
+    def _labelled_test(self, layer: QgsVectorLayer) -> Callable[[suggestions.Suggestion], bool]:
+        """Whether a suggested tile is labelled now, in the current labels."""
+        labels, field_name = self._current_labels()
+        crs, project = layer.crs(), QgsProject.instance()
+        return lambda tile: suggestions.is_labelled(tile, crs, labels, field_name, project)
+
+    def _update_next_button(self) -> None:
+        """Next is on while some suggested tile is unlabelled (a label cleared counts again)."""
+        steps, layer = self.suggestion_steps, self.suggestions_layer
+        alive = steps is not None and layer is not None and not sip.isdeleted(layer)
+        self.next_button.setEnabled(alive and steps.remaining(self._labelled_test(layer)) > 0)
+
+    def _suggestions_gone(self, layer_id: str) -> None:
+        layer = self.suggestions_layer
+        if layer is not None and (sip.isdeleted(layer) or layer.id() == layer_id):
+            self._forget_suggestions()
+
+    def _forget_suggestions(self) -> None:
+        self.suggestions_layer = None
+        self.suggestion_steps = None
+        self.suggest_label.setText("")
+        self.next_button.setEnabled(False)
 
     # ------------------------------------------------------------------ small things
 
@@ -1032,7 +1202,8 @@ class KdmsiDock(QDockWidget):
             self.labels_combo.setLayer(layer)
 
     def _set_running(self, running: bool) -> None:
-        for button in (*self.step_buttons, self.env_button, self.resume_button):
+        buttons = (*self.step_buttons, self.suggest_button, self.env_button, self.resume_button)
+        for button in buttons:
             button.setEnabled(not running)
         self.discard_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -1133,6 +1304,12 @@ def _read_record(path: Path) -> dict[str, Any]:
         return dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return {}
+
+
+def _preview_files(folder: Path) -> tuple[Path, Path]:
+    """The quick preview's magnitude and change rasters in the output folder ``folder``."""
+    preview = folder / "preview"
+    return preview / "cva.tif", preview / "cva_change.tif"
 
 
 def _folder_outputs(folder: Path) -> list[tuple[str, str]]:

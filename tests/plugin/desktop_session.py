@@ -5,7 +5,8 @@ QGIS runs this file at start-up (``qgis --code desktop_session.py``, started by
 the sample scene, opens the KD-MSI panel, presses "Label tiles" (no grid yet: the panel makes
 one with the "Create labelling grid" algorithm), then clicks, right-clicks, shift-clicks and
 drags on the map canvas with QTest, reading the GeoPackage back with sqlite3 after each
-gesture, and takes the last gesture back and forth with QGIS's own Undo and Redo actions. It
+gesture, and takes the last gesture back and forth with QGIS's own Undo and Redo actions. Then
+it asks for the tiles to label next and steps through them with "Next tile". It
 saves screenshots of the tool in use and writes what it saw to a JSON file; the test asserts
 on that file. Settings come from the environment (``KDMSI_DESKTOP_*``).
 """
@@ -238,6 +239,58 @@ class Session:
         pause()
         self.record("redo", ell + row)
 
+    # -------------------------------------------------------------- tiles to label next
+
+    def tiles_to_label_next(self) -> None:
+        """Press "Tiles to label next" (no map yet: the quick preview is made first), see the
+        ranked tiles, mark rank 2's tile by mouse, then step with Next: rank 1, then rank 3."""
+        dock = self.dock
+        done: list = []
+        dock.jobFinished.connect(done.append)
+        QTest.mouseClick(dock.suggest_button, Qt.MouseButton.LeftButton)
+        wait_for(lambda: bool(done), 120)
+        dock.jobFinished.disconnect(done.append)
+        layer = dock.suggestions_layer
+        ranked = sorted(layer.getFeatures(), key=lambda f: f["rank"]) if layer is not None else []
+        group = QgsProject.instance().layerTreeRoot().findGroup(dock.group_name())
+        info: dict[str, Any] = {
+            "success": done[0].success,
+            "error": done[0].error,
+            "steps": list(done[0].outputs),
+            "requested": dock.suggest_count_spin.value(),
+            "windows": [[int(f["row_off"]), int(f["col_off"])] for f in ranked],
+            "top_of_group": group is not None and group.findLayers()[0].layer() is layer,
+            "text": dock.suggest_label.text(),
+        }
+        self.result["suggest"] = info
+        values = saved_labels(self.grid_path)
+        by_window = {
+            (int(f["row_off"]), int(f["col_off"])): values[f.id()]
+            for f in self.grid.layer.getFeatures()
+        }
+        info["labels_of_suggested"] = [by_window.get(tuple(w), "missing") for w in info["windows"]]
+        if len(ranked) < 3:
+            return
+        # the engine's command lines name this machine's folders: not in the screenshot
+        lines = dock.log_view.toPlainText().splitlines()
+        dock.log_view.setPlainText("\n".join(line for line in lines if "$ " not in line))
+        self.canvas.setExtent(self.grid.layer.extent())
+        self.screenshot("tiles_to_label_next.png")
+        boxes = [f.geometry().boundingBox() for f in ranked]
+        second = self.grid.tile_at(boxes[1].center())
+        self.click(second, Qt.MouseButton.RightButton)
+        info["second_label"] = saved_labels(self.grid_path)[second]
+        for name, rank in (("next_1", 0), ("next_2", 2)):
+            QTest.mouseClick(dock.next_button, Qt.MouseButton.LeftButton)
+            pause(0.3)
+            info[name] = {
+                "text": dock.suggest_label.text(),
+                "contains": self.canvas.extent().contains(boxes[rank]),
+                "tiles_wide": min(self.canvas.extent().width(), self.canvas.extent().height())
+                / boxes[rank].width(),
+                "label_tool": self.canvas.mapTool() is dock.label_tool,
+            }
+
     # -------------------------------------------------------------- screenshots
 
     def label_like_an_analyst(self) -> None:
@@ -286,6 +339,8 @@ class Session:
         self.drag_closeup()
         self.screenshot("label_tiles.png")
         self.result["advice"] = self.dock.advice_label.text()
+        self.result["stage"] = "tiles to label next"
+        self.tiles_to_label_next()
         bar = iface.messageBar()
         self.result["messages"] = [item.text() for item in bar.items()]
         self.result["final_counts"] = self.dock.counts_label.text()
@@ -317,6 +372,10 @@ WATCHDOG_S = float(os.environ.get("KDMSI_DESKTOP_WATCHDOG", "150"))
 
 def finish(session: Session, code: int) -> None:
     RESULT.write_text(json.dumps(session.result, indent=1, default=str), encoding="utf-8")
+    # close the project while the window is there, as QGIS's own exit does (File > Exit closes
+    # it first): cleared from QGIS's destructor, a layer removed can make the layer tree move
+    # its current layer and QGIS 3.22 then calls into its styling panel, already deleted
+    QgsProject.instance().clear()
     QgsApplication.exit(code)
 
 

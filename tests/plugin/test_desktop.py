@@ -87,12 +87,33 @@ def test_the_saved_grid_is_the_analysts_labels(session) -> None:
     assert session["advice"].startswith("Enough changed and unchanged tiles to train")
 
 
+def test_tiles_to_label_next_and_next_by_mouse(session) -> None:
+    """The button (the quick preview made first), the ranked unlabelled tiles on top of the
+    result group; a tile marked by mouse meanwhile is skipped by Next, Label tiles stays on."""
+    suggest = session["suggest"]
+    assert suggest["success"], suggest["error"]
+    assert suggest["steps"] == ["cva", "suggest"]
+    # 10 asked; on the 7 x 7 grid with 27 tiles left, fewer keep a tile's width apart
+    count = len(suggest["windows"])
+    assert suggest["requested"] == 10 and 3 <= count <= 10
+    assert suggest["top_of_group"] and suggest["text"].startswith(f"{count} tiles to label next")
+    # unlabelled tiles of the grid the analyst was painting (its labels read by sqlite)
+    assert suggest["labels_of_suggested"] == [None] * count
+    assert suggest["second_label"] == 0  # rank 2's tile, marked unchanged by a right click
+    first, second = suggest["next_1"], suggest["next_2"]
+    assert first["text"] == f"Tile 1 of {count} ({count - 1} still to label)" and first["contains"]
+    assert second["text"] == f"Tile 3 of {count} ({count - 1} still to label)"
+    assert second["contains"]
+    assert first["tiles_wide"] <= 3.01 and second["tiles_wide"] <= 3.01
+    assert first["label_tool"] and second["label_tool"]
+
+
 def test_screenshots_show_the_tool_without_machine_paths(session, qgis_app) -> None:
     from qgis.PyQt.QtGui import QImage
 
     assert session["path_leaks"] == []
     shots = Path(session["out"]) / "screenshots"
-    for name in ("label_tiles.png", "label_tiles_drag.png"):
+    for name in ("label_tiles.png", "label_tiles_drag.png", "tiles_to_label_next.png"):
         image = QImage(str(shots / name))
         colours = {
             image.pixel(x, y)

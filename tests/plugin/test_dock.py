@@ -285,6 +285,41 @@ def test_dock_run_all_shows_the_answer_first(dock, project_layers) -> None:
     assert not dock.resume_box.isVisibleTo(dock)  # finished trainings leave no checkpoint
 
 
+@pytest.mark.slow
+def test_tiles_to_label_next_after_run_all_rank_on_the_runs_map(dock, tmp_path) -> None:
+    """After Run all the suggestions come from the run's change map at the run's own
+    threshold (its run.json), not from a preview."""
+    from kdmsi_engine.suggest import suggest_tiles
+
+    run_map = Path(dock.output_widget.filePath()) / "run" / "change_probability.tif"
+    assert run_map.is_file()
+    # every tile of the crop is labelled: the engine's refusal reaches the dock
+    result = run_step(dock, dock.suggest_button, 120)
+    assert not result.success and "nothing left to suggest" in result.error
+    labels = dock.labels_combo.currentLayer()
+    dock.labels_combo.setLayer(None)  # no labels: every tile is a candidate
+    default_count = dock.suggest_count_spin.value()
+    dock.suggest_count_spin.setValue(3)
+    try:
+        result = run_step(dock, dock.suggest_button, 120)
+    finally:
+        dock.labels_combo.setLayer(labels)
+        dock.field_combo.setField("change")
+        dock.suggest_count_spin.setValue(default_count)
+    assert result.success, result.error
+    assert list(result.outputs) == ["suggest"]  # no preview made: the run's map is there
+    assert "from the change map of Run all (change_probability.tif)" in (
+        dock.log_view.toPlainText()
+    )
+    assert not (Path(dock.output_widget.filePath()) / "preview").exists()
+    engine = suggest_tiles(run_map, tmp_path / "next.gpkg", count=3, tile_size=64)
+    assert engine["threshold_method"] == "run"
+    layer = dock.suggestions_layer
+    ranked = sorted(layer.getFeatures(), key=lambda feature: feature["rank"])
+    assert [feature["tile_id"] for feature in ranked] == engine["tiles"]
+    assert group_layers("KD-MSI: taizhou 2000")["Tiles to label next"] is layer
+
+
 def test_dock_detects_with_the_detector_of_the_run(dock) -> None:
     model = Path(dock.model_widget.filePath())
     assert model.name == "detector.kdmsi" and model.is_file()  # set by Run all
