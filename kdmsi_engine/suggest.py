@@ -399,7 +399,7 @@ def choose_suggestions(
     windows = candidates[["row_off", "col_off", "height", "width"]].to_numpy(dtype=np.int64)
     order = rank_order(scores, candidates["tile_id"].to_numpy())
     chosen = spaced_selection(order, windows, count, int(np.ceil(min_gap * tile_size)))
-    if len(candidates) < count:
+    if len(chosen) == len(candidates) < count:
         progress.log(f"only {len(candidates)} tiles are unlabelled; all are suggested")
     elif len(chosen) < count:
         progress.log(
