@@ -36,6 +36,7 @@ from kdmsi_engine.errors import InputError, ModelFileError, RasterError
 from kdmsi_engine.inference.maps import parse_scales as _parse_scales
 from kdmsi_engine.inference.maps import prepare_for_inference
 from kdmsi_engine.progress import Progress
+from kdmsi_engine.results import DetectRecord
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def detect_scene(
     fuse_weight: float = 0.5,
     gate_rate: float = 1.0,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> DetectRecord:
     """Detect changes over a scene pair with a trained detector.
 
     Args:
@@ -225,6 +226,8 @@ def detect_scene(
     Returns:
         the run record (also written to ``run.json``): paths, parameters, timings, polygons.
     """
+    # Longer than 80 lines: the job's documented parameters (detection, fusion, keep-out,
+    # polygons) and the record it writes; the steps are calls into their modules.
     progress = progress or Progress()
     from kdmsi_engine.inference.scene import check_band_fit, model_bands
     from kdmsi_engine.inference.sliding import check_window_params
@@ -346,7 +349,7 @@ def detect_scene(
     )
     timings["vectorize_s"] = round(time.monotonic() - mark, 2)
     timings["total_s"] = round(time.monotonic() - started, 2)
-    record: dict[str, Any] = {
+    record: DetectRecord = {
         "job": "detect",
         "status": "complete",
         "inputs": {

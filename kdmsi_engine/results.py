@@ -238,3 +238,23 @@ class BatchRecord(TypedDict, total=False):
     counts: dict[str, int]
     seconds: float
     batch_record: str
+
+
+class DetectRecord(TypedDict, total=False):
+    """``kdmsi detect``: the record written to ``run.json`` (``fusion`` when the map is fused
+    with the calibrated change vector analysis)."""
+
+    job: str
+    status: str
+    inputs: dict[str, Any]
+    scene: dict[str, Any]
+    grid: dict[str, Any]
+    model: dict[str, Any]
+    parameters: dict[str, Any]
+    device: str
+    versions: dict[str, str]
+    timings: dict[str, float]
+    fusion: dict[str, Any] | None
+    polygons: int
+    change_area_m2: float
+    outputs: dict[str, str]
