@@ -9,11 +9,12 @@ Landsat references):
 1. **Seed**: a few changed and a few unchanged tiles drawn at random (``--seed-tiles``).
 2. ``kdmsi run`` on the labelled tiles (the labelling grid filled in, as in QGIS), scored: change
    IoU of ``change.tif`` over the whole scene (every pixel with a reference).
-3. For ``--rounds`` rounds, two analysts go on from the same seed run: **suggested** labels the
-   ``--per-round`` tiles ``kdmsi suggest`` ranks first on the run's ``change_probability.tif``
-   (its defaults: the run's threshold, one tile width between suggestions; unanswerable
-   suggestions are passed over), **random** labels as many unlabelled, answerable tiles drawn
-   at random (seeded). Each reruns the chain and is scored.
+3. For ``--rounds`` rounds, the analysts of ``--strategies`` go on from the same seed run: one
+   per measure of ``kdmsi suggest`` (**uncertainty**, **false-alarms**) labels the
+   ``--per-round`` tiles it ranks first on the run's ``change_probability.tif`` (its other
+   defaults: the run's threshold, one tile width between suggestions; unanswerable suggestions
+   are passed over), **random** labels as many unlabelled, answerable tiles drawn at random
+   (seeded). Each reruns the chain and is scored.
 
 The chain runs with its defaults and ``--tile-size 64`` plus ``--kd-epochs 1 --msi-scales 1``:
 with the default pseudo-label source (the calibrated change vector analysis) and a detector
@@ -23,12 +24,13 @@ saving the KD training and MSI inference time (checked on Hong Kong: 19 s of a 4
 ``--full-kd`` runs the exact defaults).
 
 Writes ``active-learning-output/active_learning.json`` (every run, label counts, IoU, commands)
-and ``active_learning.md`` (the README table: IoU against tiles labelled, both strategies, per
+and ``active_learning.md`` (the README table: IoU against tiles labelled, each strategy, per
 scene and the mean).
 
 Usage::
 
     python -m benchmarks.active_learning [--runs beihai:0,abudhabi:0,...] [--rounds 2]
+        [--strategies uncertainty,false-alarms,random]
         [--per-round 8] [--seed-tiles 4] [--scenes all --seeds 0,1] [--full-kd] [--reuse]
         [--out DIR] [--data DIR]
 """
@@ -61,6 +63,7 @@ from benchmarks.accuracy import (
     truth_on_grid,
     weak_labels_from_truth,
 )
+from kdmsi_engine import defaults
 from kdmsi_engine.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,10 @@ DEFAULT_OUT = REPO_ROOT / "active-learning-output"
 #: run fastest; what fits this benchmark's budget on 2 cores (README). --scenes/--seeds (every
 #: scene with every seed) or --runs take others.
 DEFAULT_RUNS = "beihai:0,abudhabi:0,mumbai:0,abudhabi:1,mumbai:1"
-STRATEGIES = ("suggested", "random")
+#: The analysts: one per ``kdmsi suggest --measure`` (its suggestions), and random tiles.
+SUGGESTING = ("uncertainty", "false-alarms")
+RANDOM = "random"
+STRATEGIES = (*SUGGESTING, RANDOM)
 #: Options added to ``kdmsi run`` by default (see the module docs: same final map, cheaper).
 CHEAP_RUN = ("--kd-epochs", "1", "--msi-scales", "1")
 
@@ -201,9 +207,14 @@ def run_and_score(
 
 
 def suggested_tiles(
-    truth: SceneTruth, labels: dict[int, int], run_dir: Path, count: int, folder: Path
+    truth: SceneTruth,
+    labels: dict[int, int],
+    run_dir: Path,
+    count: int,
+    folder: Path,
+    measure: str = defaults.SUGGEST_MEASURE,
 ) -> list[int]:
-    """The first ``count`` answerable tiles ``kdmsi suggest`` ranks on the run's map.
+    """The first ``count`` answerable tiles ``kdmsi suggest --measure`` ranks on the run's map.
 
     Suggestions the reference cannot answer are passed over (asked for with enough spare that
     ``count`` answerable ones remain)."""
@@ -211,13 +222,14 @@ def suggested_tiles(
 
     answerable = int(np.count_nonzero(truth.tiles["answer"].to_numpy() >= 0)) - len(labels)
     unanswerable = int(np.count_nonzero(truth.tiles["answer"].to_numpy() < 0))
-    out = folder / "suggestions.gpkg"
+    out = folder / f"suggestions-{measure}.gpkg"
     suggest_tiles(
         run_dir / "change_probability.tif",
         out,
         labels=folder / "labels.gpkg",
         tile_size=TILE_SIZE,
         count=min(count + unanswerable, answerable + unanswerable),
+        measure=measure,
         overwrite=True,
     )
     index_of = {int(t): i for i, t in enumerate(truth.tiles["tile_id"])}
@@ -246,7 +258,7 @@ def simulate(
     start = seed_labels(answers, args.seed_tiles, rng_seed)
     first = run_and_score(truth, start, root / "round0", extra, reuse=args.reuse)
     print(f"{name} seed {seed} round 0: {_iou(first)} ({first['run_seconds']} s)", flush=True)
-    analysts = [Analyst(s, dict(start), [first]) for s in STRATEGIES]
+    analysts = [Analyst(s, dict(start), [first]) for s in args.strategies]
     rng_random = np.random.default_rng([seed, 1])
     for round_index in range(1, args.rounds + 1):
         for analyst in analysts:
@@ -255,9 +267,14 @@ def simulate(
             )
             if "error" in analyst.rounds[-1]:
                 continue
-            if analyst.strategy == "suggested":
+            if analyst.strategy in SUGGESTING:
                 new = suggested_tiles(
-                    truth, analyst.labels, previous / "run", args.per_round, previous
+                    truth,
+                    analyst.labels,
+                    previous / "run",
+                    args.per_round,
+                    previous,
+                    analyst.strategy,
                 )
             else:
                 new = random_tiles(truth, analyst.labels, args.per_round, rng_random)
@@ -301,13 +318,14 @@ def curve(result: dict[str, Any], strategy: str) -> list[tuple[int, float | None
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """The README table: a row per scene and strategy, a column per round, then the means."""
-    rounds = max(len(r["curves"]["suggested"]) for r in results)
+    strategies = list(results[0]["curves"])
+    rounds = max(len(curve) for r in results for curve in r["curves"].values())
     head = ["scene (seed)", "strategy"] + [f"round {i}" for i in range(rounds)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    means: dict[str, list[list[float]]] = {s: [[] for _ in range(rounds)] for s in STRATEGIES}
-    counts: dict[str, list[list[int]]] = {s: [[] for _ in range(rounds)] for s in STRATEGIES}
+    means: dict[str, list[list[float]]] = {s: [[] for _ in range(rounds)] for s in strategies}
+    counts: dict[str, list[list[int]]] = {s: [[] for _ in range(rounds)] for s in strategies}
     for result in results:
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             cells = []
             for i, (labelled, iou) in enumerate(curve(result, strategy)):
                 cells.append("failed" if iou is None else f"{iou:.3f} ({labelled})")
@@ -316,7 +334,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
                     counts[strategy][i].append(labelled)
             label = f"{result['scene']} ({result['seed']})"
             lines.append("| " + " | ".join([label, strategy, *cells]) + " |")
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         cells = [
             f"**{np.mean(v):.3f}** ({np.mean(c):.0f})" if v else ""
             for v, c in zip(means[strategy], counts[strategy])
@@ -328,9 +346,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean IoU per round and strategy, and on how many scenes suggested beat random."""
-    out: dict[str, Any] = {"mean_iou": {}, "suggested_better": [], "random_better": []}
-    for strategy in STRATEGIES:
+    """Mean IoU per round and strategy, and per suggesting strategy the simulations where its
+    last round beats random's and those where it does not."""
+    strategies = list(results[0]["curves"])
+    out: dict[str, Any] = {"mean_iou": {}, "better_than_random": {}, "not_better": {}}
+    for strategy in strategies:
         per_round = list(zip(*[[iou for _, iou in curve(r, strategy)] for r in results]))
         out["mean_iou"][strategy] = [
             round(float(np.mean([v for v in values if v is not None])), 4)
@@ -338,11 +358,16 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             else None
             for values in per_round
         ]
-    for result in results:
-        last_s, last_r = curve(result, "suggested")[-1][1], curve(result, "random")[-1][1]
-        if last_s is not None and last_r is not None:
-            key = "suggested_better" if last_s > last_r else "random_better"
-            out[key].append(f"{result['scene']} ({result['seed']})")
+    if RANDOM not in strategies:
+        return out
+    for strategy in (s for s in strategies if s != RANDOM):
+        out["better_than_random"][strategy] = []
+        out["not_better"][strategy] = []
+        for result in results:
+            last_s, last_r = curve(result, strategy)[-1][1], curve(result, RANDOM)[-1][1]
+            if last_s is not None and last_r is not None:
+                key = "better_than_random" if last_s > last_r else "not_better"
+                out[key][strategy].append(f"{result['scene']} ({result['seed']})")
     return out
 
 
@@ -367,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenes", help="comma-separated scene names, or all (with --seeds: instead of --runs)"
     )
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"comma-separated analysts among {', '.join(STRATEGIES)} (all)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="labelling rounds (2)")
     parser.add_argument("--per-round", type=int, default=8, help="tiles labelled a round (8)")
     parser.add_argument(
@@ -380,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse", action="store_true", help="score finished runs on the same labels again"
     )
     args = parser.parse_args(argv)
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    if not args.strategies or set(args.strategies) - set(STRATEGIES):
+        parser.error(f"--strategies takes some of {', '.join(STRATEGIES)}")
     logging.basicConfig(level=logging.WARNING)
     jobs = simulations(find_scenes(args.data), args)
     if not jobs:

@@ -209,3 +209,10 @@ SUGGEST_COUNT = 10
 SUGGEST_MIN_GAP = 1
 #: The map's decision threshold: ``auto`` is the run's own (its ``run.json``), else Otsu's.
 SUGGEST_THRESHOLD = "auto"
+#: How tiles are ranked (``kdmsi_engine.suggest`` explains both): ``uncertainty``, how near the
+#: map is to calling half the tile change, or ``false-alarms``, the share of a tile the map calls
+#: change times the chance that the tile is unchanged (learned from the tiles labelled so far).
+#: ``make active-learning`` measured them equal (README), neither consistently above random
+#: tiles; ``uncertainty`` stays the default: the simpler, and ahead after one round.
+SUGGEST_MEASURES = ("uncertainty", "false-alarms")
+SUGGEST_MEASURE = "uncertainty"

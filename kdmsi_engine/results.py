@@ -179,6 +179,7 @@ class SuggestResult(TypedDict, total=False):
     threshold: float
     threshold_method: str
     measure: str
+    measure_formula: str
     tile_size: int
     min_gap: float
     tiles: list[int]

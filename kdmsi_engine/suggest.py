@@ -7,23 +7,34 @@ says which unlabelled tiles are worth marking next, from a probability raster on
 the quick change preview (``kdmsi cva``) before any training, or a run's
 ``change_probability.tif`` after it.
 
-**The measure.** The map's decision is per pixel: change where the value is above the decision
+**The measures.** The map's decision is per pixel: change where the value is above the decision
 threshold (the run's own threshold, recorded in its ``run.json``; Otsu's for the preview). For
-each tile, ``change_share`` is the share of its valid pixels above the threshold, and
+each tile, ``change_share`` is the share of its valid pixels above the threshold. Why the share
+and not the tile's highest value: the touching rule makes a tile changed when one pixel changed,
+but the chain's thresholds allow a few per cent of false positives on unchanged land (2 %:
+dozens of pixels of a 64 px tile), so nearly every tile has pixels above the threshold; its
+highest value says nothing. The share is in the map's own decisions, so it needs no calibration
+of the map's units and works the same on the preview and on a trained chain's map.
 
-    uncertainty = 1 - |2 * change_share - 1|
+- ``uncertainty`` (the default): ``1 - |2 * change_share - 1|``, 1 where the map splits the
+  tile in half (as much of it called change as not) and 0 where it calls all or none of it
+  change.
+- ``false-alarms``: the share of the tile a label would most likely prove a false
+  alarm, ``change_share * (1 - p_changed)``. ``p_changed`` is the chance that a tile with that
+  share is changed, learned from the tiles labelled so far (a logistic regression of their
+  labels on the logit of their shares, ridge-penalised so that a handful of labels cannot make
+  it a step). Why: the chain gets much of its precision from tiles labelled unchanged (they are
+  kept out of the change map, calibrate the change vector analysis and set the final threshold),
+  so the label worth most is the one on a tile that looks unchanged to the labels so far but
+  where the map still calls much of it change: labelled unchanged, its false alarms leave the
+  map and teach the calibration what unchanged land there looks like; labelled changed, it is a
+  change the map half saw. Tiles the map calls change all over are ranked low (almost surely
+  changed: a label adds little), and so are tiles it calls change nowhere. Needs at least one
+  labelled tile of each kind; before that the tiles are ranked by ``uncertainty``.
 
-is 1 where the map splits the tile in half (as much of it called change as not) and 0 where it
-calls all or none of it change. Ranked by it, the first tiles are those the map is least sure
-about as a whole. Why the share and not the tile's highest value: the touching rule makes a tile
-changed when one pixel changed, but the chain's thresholds allow a few per cent of false
-positives on unchanged land (2 %: dozens of pixels of a 64 px tile), so nearly every tile has
-pixels above the threshold; its highest value says nothing. The share is measured in the map's
-own decisions, so it needs no calibration of the map's units and works the same on the preview
-and on a trained chain's map. A tile half called change is either a large change (a good
-positive) or a large false alarm (haze, a field, water: labelled unchanged it is kept out of the
-map and its spectra join the calibration of unchanged land), which is where one label moves the
-map most; ``benchmarks/active_learning.py`` measures it against labelling random tiles.
+Measured with ``benchmarks/active_learning.py`` (README): both pick mostly changed tiles (most
+64 px tiles of a city hold some change), score alike, and neither beats labelling random tiles
+consistently.
 
 **Diversity.** Neighbouring tiles of one large blob score alike and teach the same thing, so the
 tiles are taken in rank order and a tile is skipped when it lies within ``min_gap`` tile widths
@@ -81,13 +92,20 @@ SUGGEST_LAYER = "suggestions"
 AUTO = "auto"
 #: Values of a probability raster may stray this far outside [0, 1] (float rounding).
 RANGE_TOLERANCE = 1e-4
+#: What each measure computes (``kdmsi suggest``'s record).
+MEASURE_FORMULAS = {
+    "false-alarms": "change_share * (1 - p_changed), p_changed a logistic fit on labelled tiles",
+    "uncertainty": "1 - |2 * change_share - 1|",
+}
 #: Columns of the suggestions layer, geometry last.
 SUGGEST_SCHEMA = {
     "geometry": "Polygon",
     "properties": {
         "rank": "int",
         "tile_id": "int",
+        "score": "float",
         "uncertainty": "float",
+        "p_changed": "float",
         "change_share": "float",
         "row_off": "int",
         "col_off": "int",
@@ -111,8 +129,97 @@ def uncertainty(change_share: np.ndarray) -> np.ndarray:
     return 1.0 - np.abs(2.0 * share - 1.0)
 
 
+#: Shares are clipped to [``SHARE_EPSILON``, 1 - ``SHARE_EPSILON``] before their logit.
+SHARE_EPSILON = 1e-3
+#: Ridge penalty of the logistic regression's slope (on the standardised logit of the share).
+RIDGE = 1.0
+
+
+def _logit(change_share: np.ndarray) -> np.ndarray:
+    share = np.clip(np.asarray(change_share, dtype=np.float64), SHARE_EPSILON, 1 - SHARE_EPSILON)
+    return np.log(share / (1.0 - share))
+
+
+@dataclass(frozen=True)
+class ChangeOdds:
+    """``p_changed(share)`` of a tile: a logistic regression of tile labels on the logit of the
+    tiles' change shares (standardised), with a ridge penalty on the slope."""
+
+    center: float
+    scale: float
+    intercept: float
+    slope: float
+
+    @classmethod
+    def fit(cls, change_share: np.ndarray, labels: np.ndarray) -> ChangeOdds | None:
+        """Fit on labelled tiles (``labels`` 1 changed, 0 unchanged); ``None`` unless both kinds
+        are present."""
+        y = np.asarray(labels, dtype=np.float64)
+        if y.size == 0 or y.min() == y.max():
+            return None
+        x = _logit(change_share)
+        center, scale = float(x.mean()), max(float(x.std()), 1e-6)
+        z = (x - center) / scale
+        design = np.stack([np.ones_like(z), z], axis=1)
+        penalty = np.diag([0.0, RIDGE])
+        weights = np.zeros(2)
+        for _ in range(100):  # Newton's method on the penalised log-likelihood
+            p = 1.0 / (1.0 + np.exp(-(design @ weights)))
+            gradient = design.T @ (p - y) + penalty @ weights
+            hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(2)
+            step = np.linalg.solve(hessian, gradient)
+            weights -= step
+            if np.abs(step).max() < 1e-10:
+                break
+        return cls(center, scale, float(weights[0]), float(weights[1]))
+
+    def __call__(self, change_share: np.ndarray) -> np.ndarray:
+        z = (_logit(change_share) - self.center) / self.scale
+        return 1.0 / (1.0 + np.exp(-(self.intercept + self.slope * z)))
+
+
+def expected_false_alarms(change_share: np.ndarray, p_changed: np.ndarray) -> np.ndarray:
+    """``change_share * (1 - p_changed)``: the share of the tile a label would likely prove a
+    false alarm."""
+    return np.asarray(change_share, dtype=np.float64) * (1.0 - np.asarray(p_changed))
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Each candidate's score under the measure used, and what went into it."""
+
+    measure: str
+    score: np.ndarray
+    uncertainty: np.ndarray
+    p_changed: np.ndarray  # NaN where the measure needs none
+
+
+def rank_tiles(
+    measure: str,
+    candidate_shares: np.ndarray,
+    labelled_shares: np.ndarray,
+    labelled: np.ndarray,
+    progress: Progress,
+) -> Ranking:
+    """Score the candidates with ``measure`` (``false-alarms`` falls back to ``uncertainty``
+    until a tile of each kind is labelled)."""
+    unsure = uncertainty(candidate_shares)
+    none = np.full(len(candidate_shares), np.nan)
+    if measure == "uncertainty":
+        return Ranking(measure, unsure, unsure, none)
+    odds = ChangeOdds.fit(labelled_shares, labelled)
+    if odds is None:
+        progress.log(
+            "the false-alarms measure learns from labelled tiles of both kinds; until there "
+            "are some, tiles are ranked by uncertainty"
+        )
+        return Ranking("uncertainty", unsure, unsure, none)
+    p_changed = odds(candidate_shares)
+    return Ranking(measure, expected_false_alarms(candidate_shares, p_changed), unsure, p_changed)
+
+
 def rank_order(scores: np.ndarray, tile_ids: np.ndarray) -> np.ndarray:
-    """Indices by uncertainty, highest first; ties by tile number (so the order repeats)."""
+    """Indices by score, highest first; ties by tile number (so the order repeats)."""
     return np.lexsort((np.asarray(tile_ids), -np.asarray(scores, dtype=np.float64)))
 
 
@@ -148,8 +255,15 @@ def spaced_selection(
     return chosen
 
 
-def check_parameters(count: int, min_gap: float, min_valid_fraction: float) -> None:
-    """Raise :class:`InputError` for a bad number of tiles, gap or valid fraction."""
+def check_parameters(
+    count: int, min_gap: float, min_valid_fraction: float, measure: str = defaults.SUGGEST_MEASURE
+) -> None:
+    """Raise :class:`InputError` for a bad number of tiles, gap, valid fraction or measure."""
+    if measure not in defaults.SUGGEST_MEASURES:
+        raise InputError(
+            f"measure {measure!r} is not one of {', '.join(defaults.SUGGEST_MEASURES)}",
+            parameters=("measure",),
+        )
     if int(count) != count or count < 1:
         raise InputError(
             f"number of tiles {count} must be a whole number of at least 1, e.g. 10",
@@ -331,14 +445,16 @@ def change_shares(src: Any, tiles: gpd.GeoDataFrame, threshold: float, band: int
 
 
 def suggestion_frame(
-    candidates: gpd.GeoDataFrame, chosen: list[int], scores: np.ndarray, shares: np.ndarray
+    candidates: gpd.GeoDataFrame, chosen: list[int], ranking: Ranking, shares: np.ndarray
 ) -> gpd.GeoDataFrame:
     """The suggestions layer: chosen candidates in rank order."""
     picked = candidates.iloc[chosen]
     columns = {
         "rank": np.arange(1, len(chosen) + 1, dtype=np.int64),
         "tile_id": picked["tile_id"].to_numpy(dtype=np.int64),
-        "uncertainty": np.round(scores[chosen], 6),
+        "score": np.round(ranking.score[chosen], 6),
+        "uncertainty": np.round(ranking.uncertainty[chosen], 6),
+        "p_changed": np.round(ranking.p_changed[chosen], 6),
         "change_share": np.round(shares[chosen], 6),
     }
     for name in ("row_off", "col_off", "width", "height"):
@@ -358,8 +474,9 @@ def ranked_candidates(
     min_valid_fraction: float,
     progress: Progress,
 ) -> tuple[gpd.GeoDataFrame, np.ndarray, dict[str, int], Threshold]:
-    """The unlabelled tiles of ``raster``, their change shares, the tile counts and the
-    threshold; raises on a bad raster or labels, or when no tile is left unlabelled."""
+    """Every valid tile of ``raster`` with its ``label``, the tiles' change shares, the tile
+    counts and the threshold; raises on a bad raster or labels, or when no tile is left
+    unlabelled."""
     with open_raster(raster, "probability raster") as src:
         if not 1 <= int(band) <= src.count:
             raise InputError(f"{raster.name} has {src.count} band(s); band {band} asked for")
@@ -382,22 +499,30 @@ def ranked_candidates(
         progress.stage("threshold", message=str(spec))
         threshold = resolve_threshold(raster, spec, tiles, band)
         progress.stage("rank", message=f"{len(candidates)} unlabelled tiles")
-        shares = change_shares(src, candidates, threshold.value, band)
-    return candidates, shares, counts, threshold
+        shares = change_shares(src, tiles, threshold.value, band)
+    return tiles, shares, counts, threshold
 
 
 def choose_suggestions(
-    candidates: gpd.GeoDataFrame,
+    tiles: gpd.GeoDataFrame,
     shares: np.ndarray,
     count: int,
     min_gap: float,
     tile_size: int,
     progress: Progress,
-) -> gpd.GeoDataFrame:
-    """The suggestions layer: the candidates ranked by :func:`uncertainty`, spaced."""
-    scores = uncertainty(shares)
+    measure: str = defaults.SUGGEST_MEASURE,
+) -> tuple[gpd.GeoDataFrame, str]:
+    """The suggestions layer (the unlabelled ``tiles`` ranked by ``measure``, spaced) and the
+    measure used; ``shares`` is the change share of every tile, labelled or not."""
+    labels = tiles["label"].to_numpy()
+    shares = np.asarray(shares, dtype=np.float64)
+    is_candidate = labels == UNLABELLED
+    candidates = tiles[is_candidate]
+    ranking = rank_tiles(
+        measure, shares[is_candidate], shares[~is_candidate], labels[~is_candidate], progress
+    )
     windows = candidates[["row_off", "col_off", "height", "width"]].to_numpy(dtype=np.int64)
-    order = rank_order(scores, candidates["tile_id"].to_numpy())
+    order = rank_order(ranking.score, candidates["tile_id"].to_numpy())
     chosen = spaced_selection(order, windows, count, int(np.ceil(min_gap * tile_size)))
     if len(chosen) == len(candidates) < count:
         progress.log(f"only {len(candidates)} tiles are unlabelled; all are suggested")
@@ -406,7 +531,8 @@ def choose_suggestions(
             f"only {len(chosen)} of {count} tiles fit {min_gap:g} tile width(s) apart among "
             f"{len(candidates)} unlabelled tiles; lower the minimum gap for more"
         )
-    return suggestion_frame(candidates, chosen, scores, shares)
+    frame = suggestion_frame(candidates, chosen, ranking, shares[is_candidate])
+    return frame, ranking.measure
 
 
 def suggest_tiles(
@@ -422,6 +548,7 @@ def suggest_tiles(
     min_gap: float = defaults.SUGGEST_MIN_GAP,
     min_valid_fraction: float = 0.5,
     band: int = 1,
+    measure: str = defaults.SUGGEST_MEASURE,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> SuggestResult:
@@ -442,26 +569,28 @@ def suggest_tiles(
         min_gap: tile widths kept free between any two suggestions (0: no rule).
         min_valid_fraction: tiles with fewer valid pixels are left out (as in ``kdmsi run``).
         band: the raster's band.
+        measure: how tiles are ranked: ``false-alarms`` or ``uncertainty`` (module docs).
         overwrite: replace an existing output.
         progress: progress and cancellation.
 
     Returns:
         ``output``, ``layer``, ``suggested``, ``requested``, ``candidates``, the tile counts,
-        the threshold and its method, ``tile_size``, ``min_gap`` and the ranked ``tiles``.
+        the threshold and its method, the measure used, ``tile_size``, ``min_gap`` and the
+        ranked ``tiles``.
 
     Raises:
         InputError, LabelError, RasterError, OutputError: bad input; nothing is written.
     """
     # Longer than 80 lines: the job's documented parameters; each step is a helper above.
     progress = progress or Progress()
-    check_parameters(count, min_gap, min_valid_fraction)
+    check_parameters(count, min_gap, min_valid_fraction, measure)
     spec = parse_suggest_threshold(threshold)
     target = check_output(out, overwrite=overwrite)
     if target.suffix.lower() != ".gpkg":
         raise OutputError(f"suggestions are written as a GeoPackage (.gpkg), not {target.name}")
     size = int(tile_size or grid_tile_size(labels) or defaults.TILE_SIZE)
     check_tile_params(size, overlap)
-    candidates, shares, counts, chosen_threshold = ranked_candidates(
+    tiles, shares, counts, chosen_threshold = ranked_candidates(
         Path(probability),
         spec,
         labels=labels,
@@ -472,7 +601,9 @@ def suggest_tiles(
         min_valid_fraction=min_valid_fraction,
         progress=progress,
     )
-    frame = choose_suggestions(candidates, shares, int(count), min_gap, size, progress)
+    frame, used = choose_suggestions(
+        tiles, shares, int(count), min_gap, size, progress, measure=measure
+    )
     progress.stage("write", message=str(target))
     with atomic_output(target, overwrite=overwrite) as tmp:
         write_vector(frame, tmp, target, driver="GPKG", layer=SUGGEST_LAYER, schema=SUGGEST_SCHEMA)
@@ -482,13 +613,14 @@ def suggest_tiles(
         "layer": SUGGEST_LAYER,
         "suggested": len(frame),
         "requested": int(count),
-        "candidates": len(candidates),
+        "candidates": counts["unlabelled"],
         "changed": counts["changed"],
         "unchanged": counts["unchanged"],
         "unlabelled": counts["unlabelled"],
         "threshold": round(chosen_threshold.value, 6),
         "threshold_method": chosen_threshold.method,
-        "measure": "uncertainty = 1 - |2 * change_share - 1|",
+        "measure": used,
+        "measure_formula": MEASURE_FORMULAS[used],
         "tile_size": size,
         "min_gap": min_gap,
         "tiles": [int(v) for v in frame["tile_id"]],

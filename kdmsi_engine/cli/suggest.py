@@ -19,13 +19,16 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="tiles to label next: the unlabelled tiles where a change map is least sure",
         description=(
-            "Ranks the unlabelled tiles of a scene by how unsure a change map is about them "
-            "and writes the first --count as a GeoPackage layer (rank, uncertainty, "
-            "change_share, the tile's window and footprint). A tile's change_share is the "
-            "share of its pixels above the map's decision threshold; its uncertainty, "
-            "1 - |2 change_share - 1|, is 1 where the map calls half the tile change. Give the "
-            "quick preview (kdmsi cva) before any training, or a run's change_probability.tif "
-            "after it; suggestions keep --min-gap tile widths apart."
+            "Ranks the unlabelled tiles of a scene by what a label would teach the chain and "
+            "writes the first --count as a GeoPackage layer (rank, score, uncertainty, "
+            "p_changed, change_share, the tile's window and footprint). A tile's change_share "
+            "is the share of its pixels above the map's decision threshold. --measure "
+            "uncertainty (default) scores 1 - |2 change_share - 1|, 1 where the map calls half "
+            "the tile change; --measure false-alarms scores change_share * (1 - p_changed), "
+            "p_changed the chance that a tile with that share is changed, learned from the "
+            "labelled tiles: first the tiles where the map calls much change but which look "
+            "unchanged. Give the quick preview (kdmsi cva) before any training, or a run's "
+            "change_probability.tif after it; suggestions keep --min-gap tile widths apart."
         ),
     )
     parser.add_argument(
@@ -72,6 +75,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="skip tiles with a smaller fraction of valid pixels (0.5)",
     )
     parser.add_argument("--band", type=int, default=1, help="band of PROB.tif (1)")
+    parser.add_argument(
+        "--measure",
+        choices=d.SUGGEST_MEASURES,
+        default=d.SUGGEST_MEASURE,
+        help=f"how tiles are ranked ({d.SUGGEST_MEASURE})",
+    )
     parser.set_defaults(handler=_handle)
 
 
@@ -91,6 +100,7 @@ def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
         min_gap=args.min_gap,
         min_valid_fraction=args.min_valid,
         band=args.band,
+        measure=args.measure,
         overwrite=args.overwrite,
         progress=progress,
     )

@@ -261,12 +261,22 @@ class KdmsiAlgorithm(QgsProcessingAlgorithm):
             )
         )
 
-    def add_enum(self, name: str, description: str, options: tuple[str, ...]) -> None:
-        self.addParameter(
-            QgsProcessingParameterEnum(
-                name, description, options=list(options), defaultValue=0, allowMultiple=False
-            )
+    def add_enum(
+        self,
+        name: str,
+        description: str,
+        options: tuple[str, ...],
+        default: str | None = None,
+        adv: bool = False,
+    ) -> None:
+        parameter = QgsProcessingParameterEnum(
+            name,
+            description,
+            options=list(options),
+            defaultValue=options.index(default) if default is not None else 0,
+            allowMultiple=False,
         )
+        self.addParameter(advanced(parameter) if adv else parameter)
 
     def add_int(
         self, name: str, description: str, default: int, minimum: int = 1, adv: bool = False

@@ -35,6 +35,7 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
     COUNT = "COUNT"
     THRESHOLD = "THRESHOLD"
     MIN_GAP = "MIN_GAP"
+    MEASURE = "MEASURE"
     HELP = (
         "Which tiles to label next: the unlabelled tiles where a change map is least sure, "
         "ranked (rank 1 first).\n\n"
@@ -42,10 +43,13 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
         "'Run the whole chain' after it, and the weak labels so far (the labelling grid, or "
         "polygons/points; none before you start). Each tile's change_share is the share of its "
         "pixels the map puts above its decision threshold (the run's own threshold, or Otsu's "
-        "for the preview); its uncertainty, 1 - |2 change_share - 1|, is highest where the map "
-        "calls half the tile change: either a large change or a large false alarm, where one "
-        "label teaches the chain most. Suggestions keep the minimum gap (in tile widths) apart, "
-        "so they are not neighbours in one blob.\n\n"
+        "for the preview). The default measure, uncertainty (1 - |2 change_share - 1|), ranks "
+        "first the tiles the map calls half change. The false-alarms measure ranks first the "
+        "tiles where the map calls much change but which look unchanged by the tiles labelled "
+        "so far (change_share times the chance that the tile is unchanged, learned from the "
+        "labelled tiles): labelled unchanged, their false alarms leave the map and calibrate "
+        "the chain; labelled changed, they are changes the map half saw. Suggestions keep the minimum gap (in tile widths) apart, so they are not neighbours in one blob."
+        "\n\n"
         "Next: label the suggested tiles (change = 1 or 0 in the labelling grid) and run the "
         "chain again."
     )
@@ -94,6 +98,13 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
                 )
             )
         )
+        self.add_enum(
+            self.MEASURE,
+            self.tr("Rank tiles by"),
+            D.SUGGEST_MEASURES,
+            default=D.SUGGEST_MEASURE,
+            adv=True,
+        )
         self.add_float(
             self.MIN_GAP,
             self.tr("Minimum gap between suggested tiles (tile widths)"),
@@ -141,4 +152,6 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
         )
         arguments += ["--threshold", threshold]
         arguments += ["--min-gap", self.number(parameters, self.MIN_GAP, context)]
+        measure = self.enum_value(parameters, self.MEASURE, D.SUGGEST_MEASURES, context)
+        arguments += ["--measure", measure]
         return EngineCall("suggest", arguments, outputs={self.OUTPUT: output})

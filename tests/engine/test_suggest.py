@@ -126,13 +126,117 @@ def test_only_unlabelled_tiles_are_suggested(preview, tmp_path) -> None:
     labels = _label(_read(first), top, tmp_path / "labels.gpkg")
     second = tmp_path / "second.gpkg"
     result = suggest_tiles(
-        preview["cva"], second, labels=labels, tile_size=TILE, count=6, min_gap=0, threshold=0.2
+        preview["cva"],
+        second,
+        labels=labels,
+        tile_size=TILE,
+        count=6,
+        min_gap=0,
+        threshold=0.2,
+        measure="uncertainty",
     )
     again = list(_read(second)["tile_id"])
     assert not set(again) & set(top)
     assert result["changed"] + result["unchanged"] >= len(top)
     expected = _expected(preview["cva"], 0.2, labelled=set(top))
     assert again == [r[0] for r in expected[:6]]
+
+
+def _reference_labels(preview: dict[str, Path], ids: list[int], path: Path) -> dict[int, int]:
+    """Weak labels of the grid tiles ``ids`` from the city's reference (1 where the tile has a
+    change pixel), written as grid cells; returns tile id -> label."""
+    grid = gpd.read_file(preview["grid"])
+    reference = preview["before"].parents[1] / "label" / preview["before"].name
+    with rasterio.open(reference) as src:
+        truth = src.read(1)
+    cells = grid[grid["tile_id"].isin(ids)].copy()
+    cells["change"] = [
+        int((truth[r : r + h, c : c + w] == 1).any())
+        for r, c, h, w in cells[["row_off", "col_off", "height", "width"]].to_numpy()
+    ]
+    cells[["tile_id", "change", "geometry"]].to_file(path, driver="GPKG", layer="labels")
+    return dict(zip(cells["tile_id"].astype(int), cells["change"].astype(int)))
+
+
+def test_false_alarms_measure_recomputed_independently(preview, tmp_path) -> None:
+    """share * (1 - p_changed), p_changed a ridge logistic fit on the labelled tiles' shares,
+    fitted here with a general-purpose optimiser instead of the engine's Newton steps."""
+    from scipy.optimize import minimize
+
+    threshold = 0.2
+    every = {r[0]: r[2] for r in _expected(preview["cva"], threshold)}
+    values = _pixels(preview["cva"])[0]
+    grid = gpd.read_file(preview["grid"])
+    # a spread of tiles, labelled from the reference; none near the last row or column, whose
+    # tiles are moved back inside the scene and overlap their neighbours (the touching rule
+    # would label those too)
+    inner = grid[
+        (grid["row_off"] + 2 * TILE <= values.shape[0])
+        & (grid["col_off"] + 2 * TILE <= values.shape[1])
+    ]
+    ids = sorted(set(inner["tile_id"].astype(int)) & set(every))[::5]
+    answers = _reference_labels(preview, ids, tmp_path / "labels.gpkg")
+    assert 0 < sum(answers.values()) < len(answers)  # both kinds
+    out = tmp_path / "next.gpkg"
+    result = suggest_tiles(
+        preview["cva"],
+        out,
+        labels=tmp_path / "labels.gpkg",
+        tile_size=TILE,
+        count=10_000,
+        min_gap=0,
+        threshold=threshold,
+        measure="false-alarms",
+    )
+    assert result["measure"] == "false-alarms"
+    frame = _read(out)
+
+    def logit(share: np.ndarray) -> np.ndarray:
+        share = np.clip(share, 1e-3, 1 - 1e-3)
+        return np.log(share / (1 - share))
+
+    x = logit(np.array([every[i] for i in answers]))
+    y = np.array(list(answers.values()), dtype=float)
+    center, scale = x.mean(), x.std()
+
+    def loss(w: np.ndarray) -> float:
+        z = w[0] + w[1] * (x - center) / scale
+        return float(np.sum(np.logaddexp(0, z) - y * z) + 0.5 * w[1] ** 2)
+
+    w = minimize(loss, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12}).x
+    unlabelled = np.array([i for i in sorted(every) if i not in answers])
+    shares = np.array([every[i] for i in unlabelled])
+    p_changed = 1 / (1 + np.exp(-(w[0] + w[1] * (logit(shares) - center) / scale)))
+    score = shares * (1 - p_changed)
+    # every unlabelled tile, each with the score and p_changed recomputed here, best first
+    assert sorted(frame["tile_id"]) == list(unlabelled)
+    position = {int(t): k for k, t in enumerate(unlabelled)}
+    rows = [position[int(t)] for t in frame["tile_id"]]
+    np.testing.assert_allclose(frame["score"], score[rows], atol=1e-5)
+    np.testing.assert_allclose(frame["p_changed"], p_changed[rows], atol=1e-5)
+    assert frame["score"].is_monotonic_decreasing
+
+
+def test_false_alarms_measure_waits_for_both_kinds_of_label(preview, tmp_path) -> None:
+    every = [r[0] for r in _expected(preview["cva"], 0.2)]
+    grid = gpd.read_file(preview["grid"])
+    cells = grid[grid["tile_id"].isin(every[:3])].copy()
+    cells["change"] = 1
+    cells[["change", "geometry"]].to_file(tmp_path / "labels.gpkg", driver="GPKG", layer="labels")
+    out = tmp_path / "next.gpkg"
+    result = suggest_tiles(
+        preview["cva"],
+        out,
+        labels=tmp_path / "labels.gpkg",
+        tile_size=TILE,
+        count=4,
+        min_gap=0,
+        threshold=0.2,
+        measure="false-alarms",
+    )
+    assert result["measure"] == "uncertainty"
+    assert list(_read(out)["tile_id"]) == every[3:7]
+    assert _read(out)["p_changed"].isna().all()
 
 
 def test_count_and_gap_are_respected(preview, tmp_path) -> None:
@@ -269,3 +373,22 @@ def test_everything_labelled_writes_nothing(preview, tmp_path, capfd) -> None:
         "nothing left to suggest",
         watch=[tmp_path],
     )
+
+
+def test_change_odds_are_monotone_and_bounded_on_separable_labels() -> None:
+    from kdmsi_engine.suggest import ChangeOdds, expected_false_alarms
+
+    # four unchanged tiles with few pixels called change, four changed ones with many:
+    # separable, where an unpenalised fit would make p_changed a step
+    shares = np.array([0.01, 0.02, 0.03, 0.05, 0.2, 0.3, 0.5, 0.9])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    odds = ChangeOdds.fit(shares, labels)
+    assert odds is not None and 0 < odds.slope < 10
+    grid = np.linspace(0.0, 1.0, 101)
+    p = odds(grid)
+    assert np.all(np.diff(p) >= 0) and p[2] < 0.5 < p[40]
+    assert 0.0 < p.min() and p.max() < 1.0
+    score = expected_false_alarms(grid, p)
+    # the most likely false alarms lie between the two kinds, not at either end
+    assert 0.02 < grid[np.argmax(score)] < 0.9
+    assert ChangeOdds.fit(shares[:4], labels[:4]) is None
