@@ -17,8 +17,9 @@ OSCD cities and the Landsat Taizhou and Nanjing pairs of ``../shared/data``):
 4. Scores (change IoU, F1, precision, recall; confusion summed over the scored pixels) of the
    final map (``change.tif``); of the final map's probability at the chain's threshold without
    keeping the labelled-unchanged tiles out (``unmasked``); of the detector alone and of the
-   calibrated change vector analysis alone, each at its 99th percentile on the calibration
-   tiles; of the pseudo labels (on the pixels they label); of the MSI map (at its best
+   calibrated change vector analysis alone, each at the final map's quantile on its own
+   calibration tiles as the chain has them (the unchanged tiles held out of the detector's
+   training; every unchanged tile for the calibrated CVA); of the pseudo labels (on the pixels they label); of the MSI map (at its best
    threshold: uses the truth, an upper bound); of the baseline (``kdmsi cva`` + Otsu), of the
    baseline restricted to the tiles labelled changed and of the trivial map (every pixel of the
    changed tiles); the last two only exist where the scored pixels are labelled (protocol a).
@@ -338,10 +339,14 @@ def evaluate_scene(
     pseudo, _ = read_band(run_dir / defaults.PSEUDO_NAME)
     msi, _ = read_band(run_dir / defaults.MSI_NAME)
     threshold = float(record["chain_threshold"])
-    # the chain's calibration tiles: the same seeded share of the unchanged tiles
+    # the chain's calibration tiles: the detector's are the same seeded share of the unchanged
+    # tiles (held out of its training); the calibrated CVA's are all of them
     held_out = tiles.held_out_split(defaults.CALIBRATION_FRACTION, defaults.SEED)
     held_unchanged = held_out & (tiles.label == 0)
-    calibration = tiles.only(held_unchanged) if held_unchanged.any() else tiles
+    calibration = {
+        "detector": tiles.only(held_unchanged) if held_unchanged.any() else tiles,
+        "evidence": tiles,
+    }
     maps: dict[str, Any] = {
         "final": score(change == 1, truth, scored),
         "unmasked": score(prob > threshold, truth, scored),
@@ -354,7 +359,7 @@ def evaluate_scene(
             alone = raster_threshold(
                 run_dir / file,
                 "unchanged-q",
-                unchanged=calibration.unchanged_mask,
+                unchanged=calibration[name].unchanged_mask,
                 quantile=defaults.DETECT_QUANTILE,
             )
             values, _ = read_band(run_dir / file)

@@ -211,12 +211,16 @@ def detect_scene(
             probabilities on the tiles labelled unchanged) and, with ``keep_unchanged_out``,
             ``change.tif`` is 0 on those tiles (the analyst vouched for them), while
             ``change_probability.tif`` keeps the map's values there.
-        calibration_tiles: the tiles whose unchanged ones set ``unchanged-q`` (default:
-            ``unchanged_tiles``), e.g. unchanged tiles the detector did not train on.
-        fuse_with: optional second change map on the scene grid (e.g. the calibrated change
-            vector analysis): the detector's probability goes to ``detector_probability.tif``
-            and ``change_probability.tif`` is their fused rarity score on the calibration
-            tiles' unchanged pixels (:mod:`kdmsi_engine.fusion`).
+        calibration_tiles: the tiles whose unchanged ones calibrate the detector's map
+            (default: ``unchanged_tiles``), e.g. unchanged tiles it did not train on: they set
+            ``unchanged-q`` of the detector's map alone, and its rarity scale when fused.
+        fuse_with: optional second change map on the scene grid, not trained on the tiles
+            (the calibrated change vector analysis): the detector's probability goes to
+            ``detector_probability.tif`` and ``change_probability.tif`` is their fused rarity
+            score (:mod:`kdmsi_engine.fusion`): the detector's map on the calibration tiles,
+            the other map on all of ``unchanged_tiles``, and ``unchanged-q`` of the fused
+            score on all of ``unchanged_tiles`` too (many tiles give a steadier threshold than
+            the few held out; the score is three quarters the untrained map by default).
         fuse_weight: with ``fuse_with``, the detector's weight in the fusion (the other map has
             the rest).
         gate_rate: with ``fuse_with``, the score is 0 where that map's value is not rarer on
@@ -253,6 +257,7 @@ def detect_scene(
     if fuse_with is not None:
         if calibration is None:
             raise InputError("fusing change maps needs tiles labelled unchanged to calibrate on")
+        spectral_tiles = unchanged_tiles if unchanged_tiles is not None else calibration
         detector_map = check_output(
             paths["change"].parent / DETECTOR_PROBABILITY_NAME, overwrite=overwrite
         )
@@ -306,7 +311,7 @@ def detect_scene(
         fusion = fuse_maps(
             [detector_map, fuse_with],
             paths["change_probability"],
-            calibration.unchanged_mask,
+            [calibration.unchanged_mask, spectral_tiles.unchanged_mask],
             weights=(fuse_weight, 1.0 - fuse_weight),
             gate=1 if gate_rate < 1.0 else None,
             gate_rate=gate_rate,
@@ -314,6 +319,8 @@ def detect_scene(
             progress=progress,
         )
         timings["fuse_s"] = round(time.monotonic() - mark, 2)
+        # the fused score is mostly the untrained map's: its threshold from every unchanged tile
+        calibration = spectral_tiles
     mark = time.monotonic()
     value = raster_threshold(
         paths["change_probability"],

@@ -5,12 +5,18 @@ context, but at stride 4 and through its training) and the calibrated change vec
 (it sees each pixel's spectral change, but no context). Measured, neither wins everywhere: the
 detector on 10 m Sentinel-2 cities, the spectral map on 30 m Landsat (README).
 
-Each map ``m`` is first put on a common scale with *calibration pixels* (valid pixels of tiles
-labelled unchanged that the detector did not train on):
+Each map ``m`` is first put on a common scale with its *calibration pixels* (valid pixels of
+tiles labelled unchanged that the map did not learn from):
 
     ``r_m(x)`` = the share of calibration pixels whose value is at least ``m(x)``,
 
-the false-positive rate a threshold at ``m(x)`` would have on unchanged land. The maps are
+the false-positive rate a threshold at ``m(x)`` would have on unchanged land. Each map has its
+own calibration pixels: the detector's are the unchanged tiles held out of its training (on the
+tiles it trained on its probabilities are too low to say how rare a value is on new land); the
+spectral map's are all the unchanged tiles (it is not trained: only the mean and covariance of
+unchanged differences, a few dozen numbers from thousands of pixels, are fitted, so every
+unchanged tile shows it the same as a new one would, and many tiles give a steadier scale than
+the one or two held out when an analyst has labelled few). The maps are
 combined by a weighted product of these rates (Fisher's method when the weights are equal),
 written as a score in [0, 1]:
 
@@ -85,15 +91,17 @@ class RarityScale:
 
 
 def calibration_scales(
-    sources: Sequence[Any], calibration: MaskFunction, strips: list[Any]
+    sources: Sequence[Any], calibrations: Sequence[MaskFunction], strips: list[Any]
 ) -> list[RarityScale]:
-    """One :class:`RarityScale` per open raster, from its values on the calibration pixels."""
+    """One :class:`RarityScale` per open raster, from its values on its calibration pixels
+    (``calibrations``: one mask function per raster)."""
     histograms = [Histogram(BINS) for _ in sources]
     for window in strips:
-        mask = calibration(int(window.row_off), int(window.height), int(window.width))
-        if not mask.any():
-            continue
-        for src, histogram in zip(sources, histograms):
+        row, height, width = int(window.row_off), int(window.height), int(window.width)
+        for src, histogram, calibration in zip(sources, histograms, calibrations):
+            mask = calibration(row, height, width)
+            if not mask.any():
+                continue
             values = src.read(1, window=window)
             histogram.add(values[mask & valid_values(values, src.nodata)])
     return [RarityScale(h) for h in histograms]
@@ -102,7 +110,7 @@ def calibration_scales(
 def fuse_maps(
     maps: Sequence[str | os.PathLike[str]],
     out_path: str | os.PathLike[str],
-    calibration: MaskFunction,
+    calibration: MaskFunction | Sequence[MaskFunction],
     *,
     weights: Sequence[float] | None = None,
     gate: int | None = None,
@@ -116,7 +124,8 @@ def fuse_maps(
         maps: two or more float rasters in [0, 1] (nodata excluded) on one grid.
         out_path: float32 GeoTIFF of the score in [0, 1] (nodata -1 where any map has none).
         calibration: ``mask(row, height, width)``: the calibration pixels of a full-width
-            strip (e.g. :meth:`~kdmsi_engine.pseudo.TileLabels.unchanged_mask`).
+            strip (e.g. :meth:`~kdmsi_engine.pseudo.TileLabels.unchanged_mask`), or one such
+            function per map (each map's own calibration pixels).
         weights: one positive weight per map (default: equal).
         gate: index in ``maps`` of a map that vetoes: the score is 0 where its rate on the
             calibration pixels is above ``gate_rate``; ``None``: no veto.
@@ -125,8 +134,9 @@ def fuse_maps(
         progress: progress and cancellation.
 
     Returns:
-        ``output``, ``maps``, the gate, ``calibration_pixels`` and, per map, the value at which
-        its rate on the calibration pixels falls to 1 % (and for the gate, to ``gate_rate``).
+        ``output``, ``maps``, the gate and, per map, ``calibration_pixels`` and the value at
+        which its rate on the calibration pixels falls to 1 % (and for the gate, to
+        ``gate_rate``).
     """
     # Longer than 80 lines: its documented parameters; one streaming pass over the strips.
     from contextlib import ExitStack
@@ -142,9 +152,15 @@ def fuse_maps(
         if weight.shape != (len(maps),) or (weight < 0).any() or weight.sum() <= 0:
             raise InputError(f"fusion weights {weights} must be one non-negative number per map")
         weight = weight / weight.sum()
+        calibrations = [calibration] * len(maps) if callable(calibration) else list(calibration)
+        if len(calibrations) != len(maps):
+            raise InputError(
+                f"{len(calibrations)} calibration masks for {len(maps)} maps: give one, or one "
+                "per map"
+            )
         strips = list(strip_windows(first.width, first.height))
         progress.stage("fuse", total=len(strips), message=f"{len(maps)} maps")
-        scales = calibration_scales(sources, calibration, strips)
+        scales = calibration_scales(sources, calibrations, strips)
         log_floor = float(sum(w * np.log(s.floor) for w, s in zip(weight, scales)))
         with atomic_output(target, overwrite=overwrite) as tmp:
             with create_geotiff(
@@ -180,7 +196,7 @@ def fuse_maps(
         "maps": [str(p) for p in maps],
         "weights": [round(float(w), 6) for w in weight],
         "gate": None if gate is None else {"map": str(maps[gate]), "rate": gate_rate},
-        "calibration_pixels": int(scales[0].total),
+        "calibration_pixels": [int(scale.total) for scale in scales],
         "one_percent_values": [_value_at(s, 0.01) for s in scales],
         "gate_value": None if gate is None else _value_at(scales[gate], gate_rate),
     }

@@ -371,10 +371,11 @@ def finish_scene(
     """Detect one scene with the chain's detector; its detection record and trust report.
 
     The scene's tile labels (``tiles``, or ``None`` for a scene without labels) set its
-    threshold and keep-out. The threshold ``unchanged-q`` is taken on the unchanged tiles the
-    detector did not train on (``held_out``) when there are any; they also calibrate the fusion
-    of the detector's map with the calibrated change vector analysis
-    (:mod:`kdmsi_engine.fusion`). With labels, the trust report compares the map with them.
+    threshold and keep-out. The unchanged tiles the detector did not train on (``held_out``),
+    when there are any, calibrate its map: its threshold ``unchanged-q`` alone, its rarity
+    scale in the fusion with the calibrated change vector analysis, whose own scale and the
+    fused score's threshold come from every unchanged tile (:mod:`kdmsi_engine.fusion`). With
+    labels, the trust report compares the map with them.
     """
     from kdmsi_engine.trust import trust_report
 

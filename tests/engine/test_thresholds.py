@@ -96,7 +96,7 @@ def test_rarity_fusion(tmp_path):
     result = fuse_maps([a, b], tmp_path / "fused.tif", tiles.unchanged_mask)
     with rasterio.open(tmp_path / "fused.tif") as ds:
         fused = ds.read(1)
-    assert result["calibration_pixels"] == 2 * 32 * 32
+    assert result["calibration_pixels"] == [2 * 32 * 32, 2 * 32 * 32]
     assert 0 <= fused.min() and fused.max() <= 1
     # rare under both maps: the top score; monotone in each map
     assert fused[45, 45] == pytest.approx(fused.max())
@@ -199,3 +199,35 @@ def test_fusion_weights(tmp_path):
     assert (np.diff(only.ravel()[order]) >= -1e-6).all()  # non-decreasing along map a
     with pytest.raises(InputError):
         fuse_maps([a, b], tmp_path / "bad.tif", tiles.unchanged_mask, weights=(1,))
+
+
+def test_fusion_calibrates_each_map_on_its_own_pixels(tmp_path):
+    """One mask per map: each map's rate is the share of its own calibration pixels at or above
+    the value (the detector on the tiles it did not train on, the spectral map on all)."""
+    rng = np.random.default_rng(6)
+    first, second = rng.random((64, 64)), rng.random((64, 64))
+    a, b = _write(tmp_path / "a.tif", first), _write(tmp_path / "b.tif", second)
+    held_out = _quadrant_tiles((0, -1, -1, -1))  # the top-left tile only
+    every = _quadrant_tiles((0, 0, 1, 1))  # the top half
+    result = fuse_maps(
+        [a, b], tmp_path / "f.tif", [held_out.unchanged_mask, every.unchanged_mask], weights=(1, 0)
+    )
+    assert result["calibration_pixels"] == [32 * 32, 2 * 32 * 32]
+    with rasterio.open(tmp_path / "f.tif") as ds:
+        score = ds.read(1)
+    own = np.sort(first[:32, :32].ravel())
+    for row, col in [(5, 40), (50, 10), (60, 60), (20, 20)]:
+        rate = max((own >= first[row, col] - 1e-4).mean(), 0.5 / own.size)
+        expected = np.log(rate) / np.log(0.5 / own.size)
+        assert score[row, col] == pytest.approx(expected, abs=0.02)
+    result = fuse_maps(
+        [a, b], tmp_path / "g.tif", [every.unchanged_mask, every.unchanged_mask], weights=(0, 1)
+    )
+    with rasterio.open(tmp_path / "g.tif") as ds:
+        other = ds.read(1)
+    top = np.sort(second[:32].ravel())
+    rate = max((top >= second[50, 50] - 1e-4).mean(), 0.5 / top.size)
+    assert other[50, 50] == pytest.approx(np.log(rate) / np.log(0.5 / top.size), abs=0.02)
+    with pytest.raises(InputError, match="calibration masks"):
+        fuse_maps([a, b], tmp_path / "bad.tif", [every.unchanged_mask])
+    assert not (tmp_path / "bad.tif").exists()

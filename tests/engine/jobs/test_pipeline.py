@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rasterio
 from detect_testutils import crop_sample, tiny_config
@@ -130,3 +131,46 @@ def test_tiles_labelled_unchanged_stay_unchanged(run):
     assert (pseudo[held] == 255).all()
     assert record["stages"]["pseudo"]["held_out_tiles"] == int(held_out.sum())
     assert not (change[state == 0] == 1).any()
+
+
+@pytest.fixture(scope="module")
+def run_with_held_out_tiles(tmp_path_factory):
+    """A crop with 8 changed and 8 unchanged 32 px tiles: 2 unchanged ones are held out."""
+    scene = crop_sample(tmp_path_factory.mktemp("scene"), Window(0, 200, 128, 128))
+    out = tmp_path_factory.mktemp("run") / "out"
+    record = run_scene(
+        scene["before"], scene["after"], scene["labels"], out, config=tiny_config(),
+        name="crop", device="cpu",
+    )  # fmt: skip
+    return scene, out, record
+
+
+@pytest.mark.slow
+def test_fusion_calibrates_the_detector_on_held_out_tiles_and_the_rest_on_all(
+    run_with_held_out_tiles,
+):
+    """The detector's rarity scale comes from the unchanged tiles it did not train on; the
+    calibrated CVA's scale and the final threshold from every unchanged tile."""
+    from kdmsi_engine.data.labels import labelled_tiles
+    from kdmsi_engine.data.scene import ScenePair
+    from kdmsi_engine.pseudo import TileLabels
+
+    scene, out, record = run_with_held_out_tiles
+    config = tiny_config()
+    with ScenePair.open(scene["before"], scene["after"]) as pair:
+        tiles = TileLabels.from_frame(
+            labelled_tiles(pair, scene["labels"], tile_size=config.tile_size)
+        )
+        height, width = pair.grid.height, pair.grid.width
+        valid = pair.read_valid(pair.grid.full_window())
+    held_out = tiles.held_out_split(config.calibration_fraction, config.seed)
+    assert held_out.sum() == 2
+    held = (tiles.only(held_out).state(0, height, width) == 0) & valid
+    every = (tiles.state(0, height, width) == 0) & valid
+    detect = record["stages"]["detect"]
+    assert detect["fusion"]["calibration_pixels"] == [int(held.sum()), int(every.sum())]
+    with rasterio.open(out / "change_probability.tif") as ds:
+        score = ds.read(1)
+    threshold = detect["parameters"]["threshold"]
+    expected = np.quantile(score[every], config.detect_quantile)
+    assert threshold == pytest.approx(expected, abs=2e-3)
