@@ -106,8 +106,8 @@ PSEUDO_SOURCE = "evidence"
 PSEUDO_THRESHOLD = "unchanged-q"
 #: The false-positive rate allowed on tiles labelled unchanged (``unchanged-q`` thresholds).
 UNCHANGED_QUANTILE = 0.99
-#: Share of the unchanged tiles kept out of the detector's training to calibrate the final map
-#: (its probabilities on tiles it was trained on are too low to bound false positives).
+#: Share of the unchanged tiles kept out of the detector's training to calibrate its map in the
+#: final one (its probabilities on tiles it was trained on are too low to bound false positives).
 CALIBRATION_FRACTION = 0.2
 #: Fewest unchanged tiles from which some are held out for that calibration (below it, none).
 MIN_HELD_OUT_UNCHANGED = 5

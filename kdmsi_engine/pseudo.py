@@ -119,7 +119,7 @@ class TileLabels:
 
     def held_out_split(self, fraction: float, seed: int = 0) -> np.ndarray:
         """Bool per tile: a random ``fraction`` of the unchanged tiles, kept out of the
-        detector's training to calibrate the final map's threshold.
+        detector's training to calibrate its map in the final one.
 
         At least one tile when there are ``defaults.MIN_HELD_OUT_UNCHANGED`` or more unchanged
         tiles, none below; the choice depends only on ``seed`` and the labels.

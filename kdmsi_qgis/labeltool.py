@@ -71,7 +71,7 @@ class LabelCounts:
 
     Training needs at least one changed and one unchanged tile (the engine's
     ``TrainingSet.check_classes``); with :data:`D.MIN_HELD_OUT_UNCHANGED` unchanged tiles or
-    more, some are also kept out of training to calibrate the final map's threshold.
+    more, some are also kept out of training to calibrate the detector's map.
     """
 
     changed: int
@@ -103,7 +103,7 @@ class LabelCounts:
         if not self.calibrated:
             return tr(
                 "Enough to train. Mark {} or more unchanged tiles so that some can be kept out "
-                "of training to set the final map's threshold."
+                "of training to calibrate the detector's map."
             ).format(D.MIN_HELD_OUT_UNCHANGED)
         return tr("Enough changed and unchanged tiles to train: press Run all (or Train).")
 
