@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -88,6 +89,37 @@ def normalize_input(x: Tensor) -> Tensor:
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, channels, 1, 1)
     return (x - mean_t) / std_t
+
+
+def encode_pair(backbone: nn.Module, before: Tensor, after: Tensor) -> tuple[Any, Any]:
+    """The backbone's output for each date: ``(out(before), out(after))``.
+
+    Training: one pass per date, so BatchNorm's batch statistics are each date's own, as in the
+    paper's reference network (and the yardstick of ``make bench``). Inference: both dates in
+    one batch; with running statistics the result is the same and one pass of twice the batch
+    uses the cores better. On the CPU the input goes in channels-last, the memory format
+    oneDNN's convolutions work in; otherwise every convolution reorders its input and output
+    (measured, issue 14: the float32 ResNet50 step at batch 8 about a fifth slower).
+    """
+    if backbone.training:
+        return backbone(_backbone_input(before)), backbone(_backbone_input(after))
+    batch = before.shape[0]
+    out = backbone(_backbone_input(torch.cat([before, after], dim=0)))
+    return _split(out, batch, 0), _split(out, batch, 1)
+
+
+def _backbone_input(x: Tensor) -> Tensor:
+    x = normalize_input(x)
+    if x.device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _split(out: Any, batch: int, part: int) -> Any:
+    """The ``part``-th date's share of a backbone output (a tensor or a tuple of them)."""
+    if isinstance(out, tuple):
+        return tuple(_split(o, batch, part) for o in out)
+    return out[part * batch : (part + 1) * batch]
 
 
 def _check_name(name: str) -> None:
