@@ -99,6 +99,9 @@ TEACHER_COMBINATION = "diff"
 STUDENT_COMBINATION = "diff"
 MSI_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
 MSI_SCALES_TEXT = "0.5,1,1.5,2"
+#: Most input pixels (per date) of one MSI forward pass: a 256 px tile and its flip at scale 2.
+#: Larger batches are cut into chunks of this size (a bigger forward measured slower per tile).
+MSI_FORWARD_PIXELS = 2 * 512 * 512
 MAP_METHOD = "msi"
 
 # ----------------------------------------------------------------------------- pseudo labels
