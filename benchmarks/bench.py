@@ -371,6 +371,79 @@ def bench_msi_batches(runs: int, backbone: str = "resnet50") -> list[dict[str, A
     return rows
 
 
+def bench_detect_overhead(
+    out_dir: Path,
+    runs: int,
+    size: int = 2048,
+    tile: int = 128,
+    overlap: int = 32,
+    batch: int = 4,
+    backbone: str = "efficientnet-lite0",
+) -> dict[str, Any]:
+    """``kdmsi detect``'s predict stage against its model alone on the same windows.
+
+    A random-weight six-band detector (the demo's backbone) over a ``size`` px VRT repeating the
+    real Taizhou pair. *Predict* is :func:`~kdmsi_engine.inference.sliding.predict_scene` as
+    ``detect`` runs it (reading, scaling, the model, blending, writing); *model alone* is the
+    sum of the predictor's calls on the same batches, read beforehand and not timed. Run in
+    turn ``runs`` times; medians.
+    """
+    import statistics
+
+    from kdmsi_engine.data.scene import ScenePair
+    from kdmsi_engine.detect import make_detector_predictor
+    from kdmsi_engine.inference.maps import prepare_for_inference
+    from kdmsi_engine.inference.sliding import predict_scene, scene_windows
+    from kdmsi_engine.models.deeplab import build_detector
+
+    work = out_dir / "detect-overhead"
+    work.mkdir(parents=True, exist_ok=True)
+    before = mosaic_vrt(LANDSAT / "A" / "taizhou.tif", size, work / f"before-{size}.vrt")
+    after = mosaic_vrt(LANDSAT / "B" / "taizhou.tif", size, work / f"after-{size}.vrt")
+    torch.manual_seed(0)
+    predictor = make_detector_predictor(
+        prepare_for_inference(build_detector(backbone, in_channels=6))
+    )
+    windows = [w for strip in scene_windows(size, size, tile, overlap) for w in strip]
+    times: dict[str, list[float]] = {"predict": [], "model": []}
+    with ScenePair.open(before, after) as scene:
+        for run in range(runs + 1):  # the first is a warm-up
+            model = 0.0
+            for first in range(0, len(windows), batch):
+                reads = [scene.read(w) for w in windows[first : first + batch]]
+                b = torch.from_numpy(np.stack([r.before for r in reads]))
+                a = torch.from_numpy(np.stack([r.after for r in reads]))
+                start = time.perf_counter()
+                with torch.no_grad():
+                    predictor(b, a)
+                model += time.perf_counter() - start
+            start = time.perf_counter()
+            predict_scene(
+                scene, predictor, work / "probability.tif", tile_size=tile, overlap=overlap,
+                batch_size=batch, overwrite=True,
+            )  # fmt: skip
+            if run:
+                times["predict"].append(time.perf_counter() - start)
+                times["model"].append(model)
+    predict_s, model_s = (statistics.median(times[k]) for k in ("predict", "model"))
+    row = {
+        "backbone": backbone,
+        "scene": size,
+        "bands": 6,
+        "tile": tile,
+        "overlap": overlap,
+        "batch": batch,
+        "windows": len(windows),
+        "computed_pixels_ratio": round(len(windows) * tile * tile / (size * size), 3),
+        "runs": runs,
+        "predict_seconds": round(predict_s, 2),
+        "model_alone_seconds": round(model_s, 2),
+        "predict_over_model": round(predict_s / model_s, 3),
+    }
+    print(_row(row), flush=True)
+    return row
+
+
 # --------------------------------------------------------------------------- 2. inference
 def bench_inference(quick: bool) -> list[dict[str, Any]]:
     from kdmsi_engine.inference.maps import msi_map, prepare_for_inference, student_map
@@ -701,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": _load(),
     }
     print(f"KD-MSI bench: {record}", flush=True)
-    for key in ("training", "inference", "yardstick", "msi_batches"):
+    for key in ("training", "inference", "yardstick", "msi_batches", "detect_overhead"):
         if key in previous:
             record[key] = previous[key]
     if not (args.only_memory or args.skip_yardstick):
@@ -712,6 +785,10 @@ def main(argv: list[str] | None = None) -> int:
         record["yardstick_ratios"] = {
             f"{r['step']} {r['implementation']}": r["speed_vs_plain"] for r in record["yardstick"]
         }
+        print("\n[detect overhead] predict stage vs the model alone, same windows", flush=True)
+        record["detect_overhead"] = bench_detect_overhead(
+            out_dir, args.runs or (1 if args.quick else 3)
+        )
         print("\n[msi batches] resnet50 MSI per 256 px tile, batch 1 vs 4", flush=True)
         record["msi_batches"] = bench_msi_batches(args.runs or (2 if args.quick else 5))
     if not (args.only_memory or args.only_yardstick):

@@ -31,6 +31,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = 255
 
 
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of an engine module with torch's own BatchNorm2d (the engine's subclass undone)."""
+    copied = copy.deepcopy(module)
+    for sub in copied.modules():
+        if isinstance(sub, nn.BatchNorm2d):
+            sub.__class__ = nn.BatchNorm2d
+    return copied.to(memory_format=torch.contiguous_format)
+
+
 def _normalize(x: Tensor) -> Tensor:
     """ImageNet mean/std for 3 bands (the yardstick is timed on RGB tiles)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -58,10 +67,10 @@ def plain_kd_networks(
     """Copies of the engine's teacher and student as plain networks, with a plain SGD."""
     nets = []
     for engine_net in (teacher, student):
-        encoder = copy.deepcopy(engine_net.backbone.encoder)
+        encoder = _plain_copy(engine_net.backbone.encoder)
         plain = PlainSiameseCAM(encoder, engine_net.classifier.in_channels)
         plain.classifier.load_state_dict(engine_net.classifier.state_dict())
-        nets.append(plain.to(memory_format=torch.contiguous_format))
+        nets.append(plain)
     params = list(nets[0].parameters()) + list(nets[1].parameters())
     return nets[0], nets[1], torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
@@ -119,12 +128,11 @@ class PlainSiameseDeepLab(nn.Module):
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
-        self.encoder = copy.deepcopy(detector.backbone.encoder)
-        self.aspp = copy.deepcopy(detector.aspp)
-        self.reduce = copy.deepcopy(detector.reduce)
-        self.decoder = copy.deepcopy(detector.decoder)
-        self.classifier = copy.deepcopy(detector.classifier)
-        self.to(memory_format=torch.contiguous_format)
+        self.encoder = _plain_copy(detector.backbone.encoder)
+        self.aspp = _plain_copy(detector.aspp)
+        self.reduce = _plain_copy(detector.reduce)
+        self.decoder = _plain_copy(detector.decoder)
+        self.classifier = _plain_copy(detector.classifier)
 
     def forward(self, before: Tensor, after: Tensor) -> Tensor:
         low1, high1 = self.encoder(_normalize(before))
