@@ -19,7 +19,8 @@ How the scene is covered:
       either date, outside the intersection) are written as :data:`PROB_NODATA` (-1).
 
 Streaming and memory bound:
-    Windows are processed one strip (one row of windows) at a time. Two accumulators of
+    Windows are blended one strip (one row of windows) at a time; batches of ``batch_size``
+    windows run across strips, so no strip ends in a short batch. Two accumulators of
     ``tile_size`` rows x scene width (weighted sum and weight, float32) hold the strip being
     blended; rows that no later window touches are moved to an output buffer of
     :data:`~kdmsi_engine.rasterio_out.BLOCK_SIZE` (512) rows x width, written to the GeoTIFF
@@ -233,17 +234,24 @@ def predict_scene_multi(
             for i, text in enumerate(band_descriptions[:bands], start=1):
                 dst.set_band_description(i, text)
         blender = _StripBlender(dst, grid.width, grid.height, tile_size, bands)
-        batches = [
-            (k, batch) for k, strip in enumerate(strips) for batch in _batches(strip, batch_size)
-        ]
-        with _ReadAhead(scene, [batch for _, batch in batches]) as reads:
-            for (k, batch), read in zip(batches, reads):
+        # batches run across strips (no short batch at the end of every strip); a strip's
+        # finished rows leave the accumulator as soon as its last window is blended
+        row_ends = {
+            id(strip[-1]): min(int(strips[k + 1][0].row_off), grid.height)
+            for k, strip in enumerate(strips[:-1])
+        }
+        row_ends[id(strips[-1][-1])] = grid.height
+        batches = list(_batches([w for strip in strips for w in strip], batch_size))
+        with _ReadAhead(scene, batches) as reads:
+            for batch, read in zip(batches, reads):
                 progress.check_cancelled()
-                _run_batch(batch, read, predict_batch, device, blender, weight, bands)
+                pred = _predict(batch, read, predict_batch, device, bands)
+                for i, window in enumerate(batch):
+                    if pred is not None:
+                        _blend(blender, window, pred[i], weight, read.valid[i])
+                    if id(window) in row_ends:
+                        blender.finish_rows(row_ends[id(window)])
                 progress.advance(len(batch))
-                if batch[-1] is strips[k][-1]:  # the strip's last batch: its rows may be final
-                    upto = strips[k + 1][0].row_off if k + 1 < len(strips) else grid.height
-                    blender.finish_rows(min(int(upto), grid.height))
         blender.flush()
         progress.check_cancelled()
         add_overviews(dst, "average")
@@ -303,34 +311,36 @@ class _ReadAhead:
         self.pool.shutdown(wait=True)
 
 
-def _run_batch(
+def _predict(
     batch: list[Window],
     read: _BatchRead,
     predict_batch: PredictBatch,
     device: torch.device,
-    blender: _StripBlender,
-    weight: np.ndarray,
     bands: int,
-) -> None:
-    valid = read.valid
+) -> np.ndarray | None:
+    """The predictions (B, bands, t, t) of a batch; ``None`` when no pixel is valid."""
     if read.before is None or read.after is None:
-        return
+        return None
     before = torch.from_numpy(read.before).to(device)
     after = torch.from_numpy(read.after).to(device)
     with torch.no_grad():
         out = predict_batch(before, after)
-    out = out.detach().float().cpu().contiguous()  # own memory: weighted in place below
+    out = out.detach().float().cpu().contiguous()  # own memory: weighted in place when blended
     if out.ndim == 3:
         out = out[:, None]
     expected = (len(batch), bands, before.shape[-2], before.shape[-1])
     if tuple(out.shape) != expected:
         raise RuntimeError(f"predictor returned shape {tuple(out.shape)}, expected {expected}")
-    pred = np.nan_to_num(out.numpy(), nan=0.0, copy=False)
-    for i, window in enumerate(batch):
-        if valid[i].all():
-            blender.add(window, pred[i], weight)
-        elif valid[i].any():
-            blender.add(window, pred[i], weight * valid[i])
+    return np.nan_to_num(out.numpy(), nan=0.0, copy=False)
+
+
+def _blend(
+    blender: _StripBlender, window: Window, pred: np.ndarray, weight: np.ndarray, valid: np.ndarray
+) -> None:
+    if valid.all():
+        blender.add(window, pred, weight)
+    elif valid.any():
+        blender.add(window, pred, weight * valid)
 
 
 def predict_scene(
