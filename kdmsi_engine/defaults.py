@@ -135,6 +135,11 @@ RUN_THRESHOLD = "unchanged-q"
 DETECT_QUANTILE = 0.98
 DETECT_THRESHOLD = 0.5
 DETECT_SCALES = "1"
+#: ``kdmsi detect`` without ``--tile-size``: windows of at most this size, fitted to the scene
+#: (:func:`~kdmsi_engine.inference.sliding.fit_window`), overlapping by ``DETECT_OVERLAP``: the
+#: network computes under 1.2x the scene's pixels (128 px windows overlapping by 32: 1.78x).
+DETECT_MAX_WINDOW = 512
+DETECT_OVERLAP = 16
 INFER_BATCH_SIZE = 4
 #: ``kdmsi batch --cluster local`` starts one worker process per this many cores (at least 1).
 CLUSTER_LOCAL_CORES_PER_WORKER = 2

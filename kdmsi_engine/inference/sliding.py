@@ -96,6 +96,24 @@ def scene_windows(width: int, height: int, tile_size: int, overlap: int) -> list
     ]
 
 
+def fit_window(width: int, height: int, smallest: int, largest: int, overlap: int) -> int:
+    """The window size, a multiple of 16 in ``[smallest, largest]``, that computes least.
+
+    Computed pixels are ``windows * size^2``: a window that fits the scene badly makes the last
+    window of every row and column mostly repeat its neighbour (512 px windows on 2048 px: 5 per
+    axis, 1.56x the scene; 432 px: also 5, 1.11x). Ties go to the larger window. A scene
+    smaller than ``smallest`` gets one window of ``smallest``.
+    """
+    first = max(16, -(-smallest // 16) * 16, overlap + 16)
+    best, best_cost = first, math.inf
+    for size in range(first, max(first, largest) + 1, 16):
+        cost = len(window_starts(width, size, overlap)) * len(window_starts(height, size, overlap))
+        cost *= size * size
+        if cost <= best_cost:
+            best, best_cost = size, cost
+    return best
+
+
 def blend_weights(tile_size: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
     """Separable tapered weight window (tile_size, tile_size), max 1, min ``floor`` > 0."""
     i = np.arange(tile_size, dtype=np.float64)

@@ -16,6 +16,7 @@ from rasterio.windows import Window
 from kdmsi_engine.errors import CancelledError, InputError, OutputError
 from kdmsi_engine.inference.sliding import (
     blend_weights,
+    fit_window,
     predict_scene,
     predict_scene_multi,
     scene_windows,
@@ -282,3 +283,15 @@ def test_read_ahead_and_msi_chunks_keep_the_map_of_one_window_at_a_time(shared_d
         data = src.read(1)
     np.testing.assert_allclose(data, expected, atol=1e-5)
     assert expected[den > 0].std() > 1e-4  # the map is not flat
+
+
+def test_fit_window_computes_least_and_stays_in_bounds():
+    # 2048 px at most 512, overlap 16: 432 px windows, 5 per axis, 1.11x the scene's pixels
+    assert fit_window(2048, 2048, 128, 512, 16) == 432
+    assert fit_window(400, 400, 128, 512, 16) == 400  # one window covers the scene
+    assert fit_window(100, 100, 128, 512, 16) == 128  # smaller than the smallest window
+    for width, height in ((8192, 8192), (1000, 700), (3000, 517)):
+        size = fit_window(width, height, 128, 512, 16)
+        assert 128 <= size <= 512 and size % 16 == 0
+        windows = len(window_starts(width, size, 16)) * len(window_starts(height, size, 16))
+        assert windows * size * size < 1.2 * width * height
