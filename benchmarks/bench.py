@@ -8,6 +8,15 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    256 px Landsat tiles, batch 8, for resnet18 and efficientnet-lite0, fp32 vs bf16 autocast;
    FLOPs per tile pair counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward and
    backward of both networks, both dates).
+1b. **Engine against plain PyTorch** (issue 14): one KD-MSI step and one detector step,
+   ResNet50, batch 8, 256 px real tiles, by the engine (fp32, and bf16 where native) and by the
+   yardstick of :mod:`benchmarks.yardstick` (plain PyTorch, fp32, a backbone pass per date,
+   default memory format), interleaved in this process (5 runs, medians; ``--runs``); ratios in
+   ``bench.json`` (``yardstick_ratios``). ``tests/benchmarks/test_yardstick.py`` checks both
+   give the same losses. Also: ResNet50 MSI seconds per tile at batch 1 and 4
+   (``msi_batches``), and ``kdmsi detect``'s predict stage against its model alone on the same
+   windows of a 2048 px six-band scene, 128 px windows, overlap 32 (``detect_overhead``).
+   ``--only-yardstick`` runs only these.
 2. **Inference**: tiles/s and megapixels/s of the student map (one scale) and of MSI (scales
    0.5, 1, 1.5, 2 with horizontal flips) at 256 px, bf16 autocast (the engine's default), with
    FLOPs per tile. MSI's floor relative to one-scale inference: it runs the network on
@@ -26,7 +35,9 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    a quarter of an hour, on 2 cores; reading, blending and writing, the parts that could grow
    with the scene, are the same for every method).
 
-Usage: ``python -m benchmarks.bench [--quick] [--skip-memory] [--out bench-output]``.
+Usage: ``python -m benchmarks.bench [--quick] [--skip-memory] [--only-yardstick] [--runs N]
+[--out bench-output]``. The process gets the command line's settings first
+(:func:`kdmsi_engine.environment.configure_process`), so the yardstick shares them.
 ``--pseudo-study MODEL`` instead compares pseudo-label thresholds (0.3 vs auto) on OSCD.
 """
 
