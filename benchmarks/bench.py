@@ -8,6 +8,15 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    256 px Landsat tiles, batch 8, for resnet18 and efficientnet-lite0, fp32 vs bf16 autocast;
    FLOPs per tile pair counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward and
    backward of both networks, both dates).
+1b. **Engine against plain PyTorch** (issue 14): one KD-MSI step and one detector step,
+   ResNet50, batch 8, 256 px real tiles, by the engine (fp32, and bf16 where native) and by the
+   yardstick of :mod:`benchmarks.yardstick` (plain PyTorch, fp32, a backbone pass per date,
+   default memory format), interleaved in this process (5 runs, medians; ``--runs``); ratios in
+   ``bench.json`` (``yardstick_ratios``). ``tests/benchmarks/test_yardstick.py`` checks both
+   give the same losses. Also: ResNet50 MSI seconds per tile at batch 1 and 4
+   (``msi_batches``), and ``kdmsi detect``'s predict stage against its model alone on the same
+   windows of a 2048 px six-band scene, 128 px windows, overlap 32 (``detect_overhead``).
+   ``--only-yardstick`` runs only these.
 2. **Inference**: tiles/s and megapixels/s of the student map (one scale) and of MSI (scales
    0.5, 1, 1.5, 2 with horizontal flips) at 256 px, bf16 autocast (the engine's default), with
    FLOPs per tile. MSI's floor relative to one-scale inference: it runs the network on
@@ -26,7 +35,9 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    a quarter of an hour, on 2 cores; reading, blending and writing, the parts that could grow
    with the scene, are the same for every method).
 
-Usage: ``python -m benchmarks.bench [--quick] [--skip-memory] [--out bench-output]``.
+Usage: ``python -m benchmarks.bench [--quick] [--skip-memory] [--only-yardstick] [--runs N]
+[--out bench-output]``. The process gets the command line's settings first
+(:func:`kdmsi_engine.environment.configure_process`), so the yardstick shares them.
 ``--pseudo-study MODEL`` instead compares pseudo-label thresholds (0.3 vs auto) on OSCD.
 """
 
@@ -44,10 +55,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from kdmsi_engine.environment import configure_process
 
-from kdmsi_engine.device import CPU_PRECISION_ENV
+# the command line's process settings (OpenMP threads that sleep, the allocator), set before
+# torch loads its OpenMP runtime; the engine's steps and the yardstick share them
+configure_process()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kdmsi_engine.device import CPU_PRECISION_ENV  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +213,246 @@ def bench_training(quick: bool, force_bf16: bool = False) -> list[dict[str, Any]
             )
             print(_row(rows[-1]), flush=True)
     return rows
+
+
+# --------------------------------------------------------------------------- 1b. yardstick
+def engine_kd_step(nets: tuple[Any, Any, Any], b: dict[str, Any], precision: str) -> float:
+    """The engine's KD-MSI step (:func:`kdmsi_engine.training.losses.train_step`); its loss."""
+    from kdmsi_engine.training.losses import train_step
+
+    teacher, student, opt = nets
+    values = train_step(
+        teacher, student, opt, b["before"], b["after"], b["labels"], b["valid"],
+        precision=precision,
+    )  # fmt: skip
+    return values["loss"]
+
+
+def engine_detector_step(model: Any, opt: Any, b: dict[str, Any], precision: str) -> float:
+    """The engine's detector step (the forward under autocast, the loss in float32, SGD)."""
+    from kdmsi_engine.training.detector import detector_loss
+    from kdmsi_engine.training.losses import training_autocast
+
+    opt.zero_grad(set_to_none=True)
+    with training_autocast(torch.device("cpu"), precision):
+        logits = model(b["before"], b["after"])
+    loss = detector_loss(logits, b["pixels"])
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _prepare(*nets: Any) -> None:
+    """The engine's preparation for training on the CPU (train mode, memory format)."""
+    from kdmsi_engine.training.losses import prepare_for_training
+
+    for net in nets:
+        prepare_for_training(net, torch.device("cpu"))
+
+
+def _interleaved(fns: dict[Any, Any], runs: int) -> dict[Any, float]:
+    """Median seconds of each function, run in turn ``runs`` times after one warm-up each."""
+    import statistics
+
+    for fn in fns.values():
+        fn()
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _ratio_rows(
+    step: str, backbone: str, size: int, medians: dict[str, float], runs: int
+) -> list[dict[str, Any]]:
+    plain = medians["plain fp32"]
+    rows = []
+    for name, seconds in medians.items():
+        rows.append(
+            {
+                "step": step,
+                "backbone": backbone,
+                "implementation": name,
+                "batch": size,
+                "tile": TILE,
+                "runs": runs,
+                "median_seconds_per_step": round(seconds, 3),
+                "speed_vs_plain": round(plain / seconds, 2),
+            }
+        )
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def bench_yardstick(
+    runs: int,
+    steps: tuple[str, ...] = ("kd", "detector"),
+    backbone: str = "resnet50",
+    size: int = 8,
+) -> list[dict[str, Any]]:
+    """The engine's KD-MSI and detector steps against the plain ones, interleaved (issue 14)."""
+    batch = real_tiles(size)
+    # pixel labels for the detector: change where the dates differ most (about a tenth)
+    diff = (batch["after"] - batch["before"]).abs().mean(dim=1)
+    batch["pixels"] = (diff > diff.quantile(0.9)).to(torch.uint8)
+    precisions = ("fp32", "bf16") if _bf16() else ("fp32",)
+    rows = _yardstick_kd(runs, backbone, batch, precisions) if "kd" in steps else []
+    if "detector" in steps:
+        rows += _yardstick_detector(runs, backbone, batch, precisions)
+    return rows
+
+
+def _yardstick_kd(
+    runs: int, backbone: str, batch: dict[str, Any], precisions: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    from benchmarks.yardstick import plain_kd_networks, plain_kd_step
+
+    teacher, student = _networks(backbone)
+    p_teacher, p_student, p_opt = plain_kd_networks(teacher, student)
+    p_teacher.train()
+    p_student.train()
+    _prepare(teacher, student)
+    opt = torch.optim.SGD(
+        list(teacher.parameters()) + list(student.parameters()), lr=1e-4, momentum=0.9
+    )
+    fns: dict[str, Any] = {
+        "plain fp32": functools.partial(plain_kd_step, p_teacher, p_student, p_opt, batch)
+    }
+    for precision in precisions:
+        fns[f"engine {precision}"] = functools.partial(
+            engine_kd_step, (teacher, student, opt), batch, precision
+        )
+    return _ratio_rows("kd", backbone, len(batch["labels"]), _interleaved(fns, runs), runs)
+
+
+def _yardstick_detector(
+    runs: int, backbone: str, batch: dict[str, Any], precisions: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    from benchmarks.yardstick import PlainSiameseDeepLab, plain_detector_step
+    from kdmsi_engine.models.deeplab import build_detector
+
+    torch.manual_seed(0)
+    detector = build_detector(backbone, in_channels=3)
+    plain = PlainSiameseDeepLab(detector).train()
+    p_opt = torch.optim.SGD(plain.parameters(), lr=1e-4, momentum=0.9)
+    _prepare(detector)
+    opt = torch.optim.SGD(detector.parameters(), lr=1e-4, momentum=0.9)
+    fns: dict[str, Any] = {
+        "plain fp32": functools.partial(plain_detector_step, plain, p_opt, batch)
+    }
+    for precision in precisions:
+        fns[f"engine {precision}"] = functools.partial(
+            engine_detector_step, detector, opt, batch, precision
+        )
+    return _ratio_rows("detector", backbone, len(batch["labels"]), _interleaved(fns, runs), runs)
+
+
+def bench_msi_batches(runs: int, backbone: str = "resnet50") -> list[dict[str, Any]]:
+    """MSI seconds per 256 px tile at batch 1 and 4, interleaved (a larger batch not slower)."""
+    from kdmsi_engine.inference.maps import msi_map, prepare_for_inference
+
+    tiles = real_tiles(4)
+    _, student = _networks(backbone)
+    student = prepare_for_inference(student)
+    precisions = (("bf16", True), ("fp32", False)) if _bf16() else (("fp32", False),)
+    fns = {
+        (name, size): functools.partial(
+            msi_map, student, tiles["before"][:size], tiles["after"][:size], SCALES, amp=amp
+        )
+        for name, amp in precisions
+        for size in (1, 4)
+    }
+    medians = _interleaved(fns, runs)
+    rows = []
+    for (precision, size), seconds in medians.items():
+        rows.append(
+            {
+                "backbone": backbone,
+                "method": "msi",
+                "precision": precision,
+                "batch": size,
+                "runs": runs,
+                "seconds_per_tile": round(seconds / size, 3),
+            }
+        )
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def bench_detect_overhead(
+    out_dir: Path,
+    runs: int,
+    size: int = 2048,
+    tile: int = 128,
+    overlap: int = 32,
+    batch: int = 4,
+    backbone: str = "efficientnet-lite0",
+) -> dict[str, Any]:
+    """``kdmsi detect``'s predict stage against its model alone on the same windows.
+
+    A random-weight six-band detector (the demo's backbone) over a ``size`` px VRT repeating the
+    real Taizhou pair. *Predict* is :func:`~kdmsi_engine.inference.sliding.predict_scene` as
+    ``detect`` runs it (reading, scaling, the model, blending, writing); *model alone* is the
+    sum of the predictor's calls on the same batches, read beforehand and not timed. Run in
+    turn ``runs`` times; medians.
+    """
+    import statistics
+
+    from kdmsi_engine.data.scene import ScenePair
+    from kdmsi_engine.detect import make_detector_predictor
+    from kdmsi_engine.inference.maps import prepare_for_inference
+    from kdmsi_engine.inference.sliding import predict_scene, scene_windows
+    from kdmsi_engine.models.deeplab import build_detector
+
+    work = out_dir / "detect-overhead"
+    work.mkdir(parents=True, exist_ok=True)
+    before = mosaic_vrt(LANDSAT / "A" / "taizhou.tif", size, work / f"before-{size}.vrt")
+    after = mosaic_vrt(LANDSAT / "B" / "taizhou.tif", size, work / f"after-{size}.vrt")
+    torch.manual_seed(0)
+    predictor = make_detector_predictor(
+        prepare_for_inference(build_detector(backbone, in_channels=6))
+    )
+    windows = [w for strip in scene_windows(size, size, tile, overlap) for w in strip]
+    times: dict[str, list[float]] = {"predict": [], "model": []}
+    with ScenePair.open(before, after) as scene:
+        for run in range(runs + 1):  # the first is a warm-up
+            model = 0.0
+            for first in range(0, len(windows), batch):
+                reads = [scene.read(w) for w in windows[first : first + batch]]
+                b = torch.from_numpy(np.stack([r.before for r in reads]))
+                a = torch.from_numpy(np.stack([r.after for r in reads]))
+                start = time.perf_counter()
+                with torch.no_grad():
+                    predictor(b, a)
+                model += time.perf_counter() - start
+            start = time.perf_counter()
+            predict_scene(
+                scene, predictor, work / "probability.tif", tile_size=tile, overlap=overlap,
+                batch_size=batch, overwrite=True,
+            )  # fmt: skip
+            if run:
+                times["predict"].append(time.perf_counter() - start)
+                times["model"].append(model)
+    predict_s, model_s = (statistics.median(times[k]) for k in ("predict", "model"))
+    row = {
+        "backbone": backbone,
+        "scene": size,
+        "bands": 6,
+        "tile": tile,
+        "overlap": overlap,
+        "batch": batch,
+        "windows": len(windows),
+        "computed_pixels_ratio": round(len(windows) * tile * tile / (size * size), 3),
+        "runs": runs,
+        "predict_seconds": round(predict_s, 2),
+        "model_alone_seconds": round(model_s, 2),
+        "predict_over_model": round(predict_s / model_s, 3),
+    }
+    print(_row(row), flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------- 2. inference
@@ -497,6 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bf16-anyway", action="store_true", help="time bf16 training even without native bf16"
     )
     parser.add_argument("--only-memory", action="store_true")
+    parser.add_argument(
+        "--only-yardstick", action="store_true", help="only the engine vs plain PyTorch steps"
+    )
+    parser.add_argument("--skip-yardstick", action="store_true")
+    parser.add_argument("--yardstick", default="kd,detector", help="steps compared")
+    parser.add_argument("--runs", type=int, default=0, help="interleaved runs (default 5)")
     parser.add_argument("--sizes", default="2048,8192", help="memory scene sizes")
     parser.add_argument("--pseudo-study", metavar="MODEL", help="threshold study (see docs)")
     parser.add_argument("--study-method", default="msi", help="map of the threshold study")
@@ -510,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_study(Path(args.pseudo_study), out_dir, method=args.study_method)
     started = time.perf_counter()
     previous: dict[str, Any] = {}
-    if args.only_memory and (out_dir / "bench.json").is_file():
+    if (args.only_memory or args.only_yardstick) and (out_dir / "bench.json").is_file():
         previous = json.loads((out_dir / "bench.json").read_text(encoding="utf-8"))
     record: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -522,17 +785,31 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": _load(),
     }
     print(f"KD-MSI bench: {record}", flush=True)
-    for key in ("training", "inference"):
+    for key in ("training", "inference", "yardstick", "msi_batches", "detect_overhead"):
         if key in previous:
             record[key] = previous[key]
-    if not args.only_memory:
+    if not (args.only_memory or args.skip_yardstick):
+        print("\n[yardstick] engine vs plain PyTorch step, resnet50, 256 px, batch 8", flush=True)
+        record["yardstick"] = bench_yardstick(
+            args.runs or (2 if args.quick else 5), tuple(args.yardstick.split(","))
+        )
+        record["yardstick_ratios"] = {
+            f"{r['step']} {r['implementation']}": r["speed_vs_plain"] for r in record["yardstick"]
+        }
+        print("\n[detect overhead] predict stage vs the model alone, same windows", flush=True)
+        record["detect_overhead"] = bench_detect_overhead(
+            out_dir, args.runs or (1 if args.quick else 3)
+        )
+        print("\n[msi batches] resnet50 MSI per 256 px tile, batch 1 vs 4", flush=True)
+        record["msi_batches"] = bench_msi_batches(args.runs or (2 if args.quick else 5))
+    if not (args.only_memory or args.only_yardstick):
         print("\n[training] KD-MSI step, 256 px, batch 8", flush=True)
         record["training"] = bench_training(args.quick, args.bf16_anyway)
         print(
             "\n[inference] 256 px tiles, student (1 scale) vs MSI (0.5,1,1.5,2 + flips)", flush=True
         )
         record["inference"] = bench_inference(args.quick)
-    if not args.skip_memory:
+    if not (args.skip_memory or args.only_yardstick):
         sizes = tuple(int(s) for s in args.sizes.split(","))
         print(f"\n[memory] peak RSS of jobs on {sizes} px scenes", flush=True)
         record["memory"] = bench_memory(out_dir, sizes)
@@ -545,6 +822,23 @@ def main(argv: list[str] | None = None) -> int:
     record["seconds"] = round(time.perf_counter() - started, 1)
     print()
     for title, key, keys in (
+        (
+            "Engine vs plain PyTorch (interleaved in this process; medians)",
+            "yardstick",
+            [
+                "step",
+                "backbone",
+                "implementation",
+                "batch",
+                "median_seconds_per_step",
+                "speed_vs_plain",
+            ],
+        ),
+        (
+            "MSI per tile by batch size (interleaved; medians)",
+            "msi_batches",
+            ["backbone", "precision", "batch", "seconds_per_tile"],
+        ),
         (
             "Training throughput (CPU)",
             "training",

@@ -99,6 +99,9 @@ TEACHER_COMBINATION = "diff"
 STUDENT_COMBINATION = "diff"
 MSI_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
 MSI_SCALES_TEXT = "0.5,1,1.5,2"
+#: Most input pixels (per date) of one MSI forward pass: a 256 px tile and its flip at scale 2.
+#: Larger batches are cut into chunks of this size (a bigger forward measured slower per tile).
+MSI_FORWARD_PIXELS = 2 * 512 * 512
 MAP_METHOD = "msi"
 
 # ----------------------------------------------------------------------------- pseudo labels
@@ -132,6 +135,11 @@ RUN_THRESHOLD = "unchanged-q"
 DETECT_QUANTILE = 0.98
 DETECT_THRESHOLD = 0.5
 DETECT_SCALES = "1"
+#: ``kdmsi detect`` without ``--tile-size``: windows of at most this size, fitted to the scene
+#: (:func:`~kdmsi_engine.inference.sliding.fit_window`), overlapping by ``DETECT_OVERLAP``: the
+#: network computes under 1.2x the scene's pixels (128 px windows overlapping by 32: 1.78x).
+DETECT_MAX_WINDOW = 512
+DETECT_OVERLAP = 16
 INFER_BATCH_SIZE = 4
 #: ``kdmsi batch --cluster local`` starts one worker process per this many cores (at least 1).
 CLUSTER_LOCAL_CORES_PER_WORKER = 2

@@ -194,8 +194,11 @@ def detect_scene(
         before, after: the two dates (the before raster defines the grid).
         model: detector model file (``kdmsi train-detector``).
         out_dir: output folder (created if missing).
-        tile_size: window size (default: the model's training tile size, at least 128).
-        overlap: window overlap (default: a quarter of the window).
+        tile_size: window size (default: fitted to the scene by
+            :func:`~kdmsi_engine.inference.sliding.fit_window`, between the model's training
+            tile size (at least 128) and ``defaults.DETECT_MAX_WINDOW``).
+        overlap: window overlap (default: ``defaults.DETECT_OVERLAP`` with a fitted window, a
+            quarter of a given window).
         batch_size: windows per forward pass.
         threshold: change where the probability is above it: a number in [0, 1) or ``otsu``
             (Otsu's threshold of the probability map).
@@ -234,7 +237,7 @@ def detect_scene(
     # polygons) and the record it writes; the steps are calls into their modules.
     progress = progress or Progress()
     from kdmsi_engine.inference.scene import check_band_fit, model_bands
-    from kdmsi_engine.inference.sliding import check_window_params
+    from kdmsi_engine.inference.sliding import check_window_params, fit_window
     from kdmsi_engine.thresholds import parse_threshold_spec, raster_threshold
 
     spec = parse_threshold_spec(threshold)
@@ -246,8 +249,13 @@ def detect_scene(
 
     net, metadata = load_detector(model)
     bands, count = model_bands(metadata)
-    tile = int(tile_size or max(128, int(metadata.get("tile_size") or 256)))
-    lap = int(overlap if overlap is not None else tile // 4)
+    smallest = max(128, int(metadata.get("tile_size") or 256))
+    if tile_size:
+        tile = int(tile_size)
+        lap = int(overlap if overlap is not None else tile // 4)
+    else:  # fitted to the scene once it is open
+        tile = max(smallest, defaults.DETECT_MAX_WINDOW)
+        lap = int(overlap if overlap is not None else defaults.DETECT_OVERLAP)
     check_window_params(tile, lap, batch_size)
     if tile % 16:
         raise InputError(f"window size {tile} must be a multiple of 16 (the detector's stride)")
@@ -280,6 +288,8 @@ def detect_scene(
                 f"detector {Path(model).name} was trained on {count} band(s), the scene gives "
                 f"{scene.num_bands}; use a detector trained on these rasters' bands"
             )
+        if not tile_size:
+            tile = fit_window(scene.grid.width, scene.grid.height, smallest, tile, lap)
         net = prepare_for_inference(net, torch_device)
         progress.log(f"device: {describe_device(torch_device)}", device=str(torch_device))
         predictor = make_detector_predictor(net, scale_values, flip)

@@ -31,9 +31,16 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     parser.add_argument(
-        "--tile-size", type=int, help="window size (default: the model's tile size, >= 128)"
+        "--tile-size",
+        type=int,
+        help="window size (default: fitted to the scene, from the model's tile size (>= 128) "
+        "to 512, the one that computes least)",
     )
-    parser.add_argument("--overlap", type=int, help="window overlap (default: a quarter)")
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        help="window overlap (default: 16 with a fitted window, a quarter of a given one)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,

@@ -147,14 +147,13 @@ class SiameseDeepLabV3Plus(nn.Module):
             yield from module.parameters()
 
     def forward(self, before: Tensor, after: Tensor) -> Tensor:
-        from kdmsi_engine.models.backbones import normalize_input
+        from kdmsi_engine.models.backbones import encode_pair
 
         size = before.shape[-2:]
-        batch = before.shape[0]
-        # One encoder pass over both dates: the weights are shared.
-        low, high = self.backbone(normalize_input(torch.cat([before, after], dim=0)))
-        low_diff = low[batch:] - low[:batch]
-        high_diff = high[batch:] - high[:batch]
+        # the encoder's weights are shared by both dates
+        (low1, high1), (low2, high2) = encode_pair(self.backbone, before, after)
+        low_diff = low2 - low1
+        high_diff = high2 - high1
         x = self.aspp(high_diff)
         low_feat = self.reduce(low_diff)
         x = F.interpolate(x, size=low_feat.shape[-2:], mode="bilinear", align_corners=False)

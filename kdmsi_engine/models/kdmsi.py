@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdmsi_engine.errors import InputError, ModelFileError
 from kdmsi_engine.modelfile import MAX_BANDS, load_model, metadata_int
-from kdmsi_engine.models.backbones import BACKBONES, Backbone, build_backbone, normalize_input
+from kdmsi_engine.models.backbones import BACKBONES, Backbone, build_backbone, encode_pair
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ class SiameseCAMNet(nn.Module):
 
     def features(self, before: Tensor, after: Tensor) -> Tensor:
         """Combined stride-16 features of the pair."""
-        batch = before.shape[0]
-        x = normalize_input(torch.cat([before, after], dim=0))
-        _, high = self.backbone(x)
-        f1, f2 = high[:batch], high[batch:]
+        (_, f1), (_, f2) = encode_pair(self.backbone, before, after)
         if self.combination == "diff":
             return f2 - f1
         if self.combination == "absdiff":

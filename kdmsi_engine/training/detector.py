@@ -68,7 +68,7 @@ from kdmsi_engine.training.common import (
     seed_everything,
 )
 from kdmsi_engine.training.loop import Autocast, Checkpointing, LoopSettings, fit
-from kdmsi_engine.training.losses import resolve_precision
+from kdmsi_engine.training.losses import prepare_for_training, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -638,9 +638,7 @@ def _fit(
     resume: bool,
     progress: Progress,
 ) -> dict[str, Any]:
-    model.to(device)
-    if device.type == "cpu":
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    prepare_for_training(model, device)
     groups = param_groups(
         model.backbone_parameters(),
         model.head_parameters(),

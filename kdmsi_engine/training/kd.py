@@ -64,6 +64,7 @@ from kdmsi_engine.training.losses import (  # noqa: F401 (re-exported)
     kd_losses,
     kd_target,
     make_scaler,
+    prepare_for_training,
     resolve_precision,
     train_step,
     valid_cells,
@@ -405,8 +406,8 @@ def fit_kdmsi(
     metadata = _metadata(tset, arch, params)
     seed_everything(int(c.seed))
     teacher, student = build_kdmsi_models(arch, weights=c.weights)
-    teacher.to(torch_device)
-    student.to(torch_device)
+    prepare_for_training(teacher, torch_device)
+    prepare_for_training(student, torch_device)
     groups = param_groups(
         teacher.backbone_parameters() + student.backbone_parameters(),
         teacher.new_parameters() + student.new_parameters(),

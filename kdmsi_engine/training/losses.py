@@ -113,6 +113,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def prepare_for_training(net: nn.Module, device: torch.device) -> nn.Module:
+    """``net`` on ``device`` in train mode; on the CPU its weights in channels-last.
+
+    oneDNN's convolutions work in channels-last: weights (and inputs, see
+    :func:`~kdmsi_engine.models.backbones.encode_pair`) already in that format spare a reorder of
+    every weight and its gradient each step. The saved state is the same tensors.
+    """
+    net.to(device)
+    if device.type == "cpu":
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net.train()
+
+
 @contextlib.contextmanager
 def training_autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Autocast for ``precision`` (``fp32``: none)."""

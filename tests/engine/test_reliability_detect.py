@@ -50,6 +50,12 @@ def _detect_args(pair: list[str], model: Path, out: Path) -> list[str]:
         str(out),
         "--batch-size",
         "1",
+        # small windows: many of them, so a kill lands while windows are left (the default
+        # window is fitted to the scene, one window here)
+        "--tile-size",
+        "128",
+        "--overlap",
+        "32",
         "--device",
         "cpu",
         "--progress",

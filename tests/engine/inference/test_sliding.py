@@ -16,6 +16,7 @@ from rasterio.windows import Window
 from kdmsi_engine.errors import CancelledError, InputError, OutputError
 from kdmsi_engine.inference.sliding import (
     blend_weights,
+    fit_window,
     predict_scene,
     predict_scene_multi,
     scene_windows,
@@ -232,3 +233,65 @@ def test_errors_write_nothing(tmp_path):
             progress=Progress(is_cancelled=cancel),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.tif"]
+
+
+def test_read_ahead_and_msi_chunks_keep_the_map_of_one_window_at_a_time(shared_data, tmp_path):
+    """Issue 14: reads in a background thread, in-place blending and MSI cut into chunks.
+
+    The map of a real scene (Landsat Taizhou, 400 x 400, a random-weight resnet18 student, MSI
+    at 256 px windows, batch 4, so every scale-2 forward is a chunk of one window) equals the
+    map blended here window by window with the plain formula, each window's MSI computed
+    alone. Tolerance 1e-5 (float32; batch sizes may pick other convolution kernels).
+    """
+    from kdmsi_engine.data.scene import ScenePair
+    from kdmsi_engine.inference.maps import msi_map, prepare_for_inference
+    from kdmsi_engine.models.kdmsi import architecture, build_kdmsi_models
+
+    torch.manual_seed(0)
+    _, student = build_kdmsi_models(architecture("resnet18", 3))
+    student = prepare_for_inference(student)
+    scales = (0.5, 1.0, 1.5, 2.0)
+
+    def predict(before, after):
+        return msi_map(student, before, after, scales, amp=False)
+
+    base = shared_data / "landsat-taizhou-nanjing"
+    tile, overlap = 256, 64
+    pair = (base / "A" / "taizhou.tif", base / "B" / "taizhou.tif")
+    with ScenePair.open(*pair, bands=(1, 2, 3)) as scene:
+        out = predict_scene(
+            scene, predict, tmp_path / "m.tif", tile_size=tile, overlap=overlap, batch_size=4
+        )
+        height, width = scene.grid.height, scene.grid.width
+        num = np.zeros((height, width), np.float64)
+        den = np.zeros((height, width), np.float64)
+        weight = blend_weights(tile)
+        for strip in scene_windows(width, height, tile, overlap):
+            for window in strip:
+                read = scene.read(window)
+                with torch.no_grad():
+                    p = predict(
+                        torch.from_numpy(read.before[None]), torch.from_numpy(read.after[None])
+                    )
+                r, c = int(window.row_off), int(window.col_off)
+                h, w = min(tile, height - r), min(tile, width - c)
+                wv = (weight * read.valid)[:h, :w]
+                num[r : r + h, c : c + w] += p[0].numpy()[:h, :w] * wv
+                den[r : r + h, c : c + w] += wv
+    expected = np.where(den > 0, np.clip(num / np.maximum(den, 1e-30), 0, 1), PROB_NODATA)
+    with rasterio.open(out) as src:
+        data = src.read(1)
+    np.testing.assert_allclose(data, expected, atol=1e-5)
+    assert expected[den > 0].std() > 1e-4  # the map is not flat
+
+
+def test_fit_window_computes_least_and_stays_in_bounds():
+    # 2048 px at most 512, overlap 16: 432 px windows, 5 per axis, 1.11x the scene's pixels
+    assert fit_window(2048, 2048, 128, 512, 16) == 432
+    assert fit_window(400, 400, 128, 512, 16) == 400  # one window covers the scene
+    assert fit_window(100, 100, 128, 512, 16) == 128  # smaller than the smallest window
+    for width, height in ((8192, 8192), (1000, 700), (3000, 517)):
+        size = fit_window(width, height, 128, 512, 16)
+        assert 128 <= size <= 512 and size % 16 == 0
+        windows = len(window_starts(width, size, 16)) * len(window_starts(height, size, 16))
+        assert windows * size * size < 1.2 * width * height

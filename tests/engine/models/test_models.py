@@ -268,3 +268,24 @@ def test_detector_model_file_is_refused(tmp_path: Path) -> None:
 
 def test_backbone_names_constant() -> None:
     assert backbones.BACKBONES == ("resnet18", "resnet34", "resnet50", "efficientnet-lite0")
+
+
+def test_one_pass_with_per_date_batch_norm_equals_a_pass_per_date() -> None:
+    """Issue 14: both dates in one training pass give each date's own BatchNorm statistics."""
+    import copy
+
+    from benchmarks.bench import real_tiles
+    from kdmsi_engine.models.backbones import encode_pair
+
+    tiles = real_tiles(2, tile=64)
+    torch.manual_seed(0)
+    one = build_backbone("resnet18").train()
+    two = copy.deepcopy(one)
+    (low1, high1), (low2, high2) = encode_pair(one, tiles["before"], tiles["after"], one_pass=True)
+    (ref_low1, ref_high1), (ref_low2, ref_high2) = encode_pair(
+        two, tiles["before"], tiles["after"], one_pass=False
+    )
+    for got, want in ((low1, ref_low1), (high1, ref_high1), (low2, ref_low2), (high2, ref_high2)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(one.named_buffers(), two.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
