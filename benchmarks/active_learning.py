@@ -9,12 +9,13 @@ Landsat references):
 1. **Seed**: a few changed and a few unchanged tiles drawn at random (``--seed-tiles``).
 2. ``kdmsi run`` on the labelled tiles (the labelling grid filled in, as in QGIS), scored: change
    IoU of ``change.tif`` over the whole scene (every pixel with a reference).
-3. For ``--rounds`` rounds, the analysts of ``--strategies`` go on from the same seed run: one
-   per measure of ``kdmsi suggest`` (**uncertainty**, **false-alarms**) labels the
-   ``--per-round`` tiles it ranks first on the run's ``change_probability.tif`` (its other
-   defaults: the run's threshold, one tile width between suggestions; unanswerable suggestions
-   are passed over), **random** labels as many unlabelled, answerable tiles drawn at random
-   (seeded). Each reruns the chain and is scored.
+3. For ``--rounds`` rounds, the analysts of ``--strategies`` go on from the same seed run:
+   **uncertainty** and **false-alarms** label the ``--per-round`` tiles ``kdmsi suggest
+   --measure`` ranks first on the run's ``change_probability.tif``, **mixed** those of
+   ``--measure uncertainty --explore 0.5`` (half ranked, half drawn at random by the tool)
+   (its other defaults: the run's threshold, one tile width between suggestions; unanswerable
+   suggestions are passed over), **random** labels as many unlabelled, answerable tiles drawn
+   at random (seeded). Each reruns the chain and is scored.
 
 The chain runs with its defaults and ``--tile-size 64`` plus ``--kd-epochs 1 --msi-scales 1``:
 with the default pseudo-label source (the calibrated change vector analysis) and a detector
@@ -30,7 +31,7 @@ scene and the mean).
 Usage::
 
     python -m benchmarks.active_learning [--runs beihai:0,abudhabi:0,...] [--rounds 2]
-        [--strategies uncertainty,false-alarms,random]
+        [--strategies uncertainty,false-alarms,mixed,random]
         [--per-round 8] [--seed-tiles 4] [--scenes all --seeds 0,1] [--full-kd] [--reuse]
         [--out DIR] [--data DIR]
 """
@@ -74,8 +75,13 @@ DEFAULT_OUT = REPO_ROOT / "active-learning-output"
 #: run fastest; what fits this benchmark's budget on 2 cores (README). --scenes/--seeds (every
 #: scene with every seed) or --runs take others.
 DEFAULT_RUNS = "beihai:0,abudhabi:0,mumbai:0,abudhabi:1,mumbai:1"
-#: The analysts: one per ``kdmsi suggest --measure`` (its suggestions), and random tiles.
-SUGGESTING = ("uncertainty", "false-alarms")
+#: The analysts who label ``kdmsi suggest``'s tiles: its ``--measure`` and ``--explore`` (the
+#: share of the suggestions drawn at random); and the one who labels random tiles.
+SUGGESTING = {
+    "uncertainty": ("uncertainty", 0.0),
+    "false-alarms": ("false-alarms", 0.0),
+    "mixed": ("uncertainty", 0.5),
+}
 RANDOM = "random"
 STRATEGIES = (*SUGGESTING, RANDOM)
 #: Options added to ``kdmsi run`` by default (see the module docs: same final map, cheaper).
@@ -213,8 +219,10 @@ def suggested_tiles(
     count: int,
     folder: Path,
     measure: str = defaults.SUGGEST_MEASURE,
+    explore: float = defaults.SUGGEST_EXPLORE,
 ) -> list[int]:
-    """The first ``count`` answerable tiles ``kdmsi suggest --measure`` ranks on the run's map.
+    """The first ``count`` answerable tiles ``kdmsi suggest --measure --explore`` suggests on
+    the run's map.
 
     Suggestions the reference cannot answer are passed over (asked for with enough spare that
     ``count`` answerable ones remain)."""
@@ -222,7 +230,7 @@ def suggested_tiles(
 
     answerable = int(np.count_nonzero(truth.tiles["answer"].to_numpy() >= 0)) - len(labels)
     unanswerable = int(np.count_nonzero(truth.tiles["answer"].to_numpy() < 0))
-    out = folder / f"suggestions-{measure}.gpkg"
+    out = folder / f"suggestions-{measure}-{explore:g}.gpkg"
     suggest_tiles(
         run_dir / "change_probability.tif",
         out,
@@ -230,6 +238,7 @@ def suggested_tiles(
         tile_size=TILE_SIZE,
         count=min(count + unanswerable, answerable + unanswerable),
         measure=measure,
+        explore=explore,
         overwrite=True,
     )
     index_of = {int(t): i for i, t in enumerate(truth.tiles["tile_id"])}
@@ -268,13 +277,15 @@ def simulate(
             if "error" in analyst.rounds[-1]:
                 continue
             if analyst.strategy in SUGGESTING:
+                measure, explore = SUGGESTING[analyst.strategy]
                 new = suggested_tiles(
                     truth,
                     analyst.labels,
                     previous / "run",
                     args.per_round,
                     previous,
-                    analyst.strategy,
+                    measure,
+                    explore,
                 )
             else:
                 new = random_tiles(truth, analyst.labels, args.per_round, rng_random)

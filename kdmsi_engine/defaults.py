@@ -224,3 +224,7 @@ SUGGEST_THRESHOLD = "auto"
 #: tiles; ``uncertainty`` stays the default: the simpler, and ahead after one round.
 SUGGEST_MEASURES = ("uncertainty", "false-alarms")
 SUGGEST_MEASURE = "uncertainty"
+#: Share of the suggestions drawn at random among the other unlabelled tiles, after the ranked
+#: ones: the unchanged tiles calibrate the chain's view of unchanged land, and tiles chosen for
+#: being unsure are not a fair sample of it.
+SUGGEST_EXPLORE = 0.0

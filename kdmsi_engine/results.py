@@ -180,6 +180,8 @@ class SuggestResult(TypedDict, total=False):
     threshold_method: str
     measure: str
     measure_formula: str
+    explore: float
+    random_tiles: int
     tile_size: int
     min_gap: float
     tiles: list[int]

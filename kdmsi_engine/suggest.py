@@ -92,6 +92,8 @@ SUGGEST_LAYER = "suggestions"
 AUTO = "auto"
 #: Values of a probability raster may stray this far outside [0, 1] (float rounding).
 RANGE_TOLERANCE = 1e-4
+#: ``picked_by`` of the suggestions drawn at random (``explore``).
+RANDOM_PICK = "random"
 #: What each measure computes (``kdmsi suggest``'s record).
 MEASURE_FORMULAS = {
     "false-alarms": "change_share * (1 - p_changed), p_changed a logistic fit on labelled tiles",
@@ -102,6 +104,7 @@ SUGGEST_SCHEMA = {
     "geometry": "Polygon",
     "properties": {
         "rank": "int",
+        "picked_by": "str",
         "tile_id": "int",
         "score": "float",
         "uncertainty": "float",
@@ -237,28 +240,49 @@ def tile_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
 
 
 def spaced_selection(
-    order: np.ndarray, windows: np.ndarray, count: int, min_gap_pixels: int
+    order: np.ndarray,
+    windows: np.ndarray,
+    count: int,
+    min_gap_pixels: int,
+    already: list[int] | None = None,
 ) -> list[int]:
     """The first ``count`` of ``order`` (indices into ``windows``, rows of ``(row, col,
-    height, width)``) such that every two are at least ``min_gap_pixels`` apart; greedy, in
-    rank order. Fewer when the grid has no room for more. ``min_gap_pixels`` 0: no rule."""
-    if min_gap_pixels <= 0:
-        return [int(i) for i in order[:count]]
+    height, width)``) such that every two are at least ``min_gap_pixels`` apart, and apart from
+    those ``already`` chosen; greedy, in rank order. Fewer when the grid has no room for more.
+    ``min_gap_pixels`` 0: no rule."""
+    taken = list(already or [])
     chosen: list[int] = []
+    if count <= 0:
+        return chosen
     for index in order:
+        if int(index) in taken:
+            continue
         row, col, height, width = (int(v) for v in windows[index])
         window = (row, col, height, width)
-        if all(tile_gap(window, _window(windows[j])) >= min_gap_pixels for j in chosen):
+        if min_gap_pixels <= 0 or all(
+            tile_gap(window, _window(windows[j])) >= min_gap_pixels for j in taken
+        ):
             chosen.append(int(index))
+            taken.append(int(index))
             if len(chosen) == count:
                 break
     return chosen
 
 
 def check_parameters(
-    count: int, min_gap: float, min_valid_fraction: float, measure: str = defaults.SUGGEST_MEASURE
+    count: int,
+    min_gap: float,
+    min_valid_fraction: float,
+    measure: str = defaults.SUGGEST_MEASURE,
+    explore: float = 0.0,
 ) -> None:
-    """Raise :class:`InputError` for a bad number of tiles, gap, valid fraction or measure."""
+    """Raise :class:`InputError` for a bad number of tiles, gap, valid fraction, measure or
+    share of random tiles."""
+    if not np.isfinite(explore) or not 0.0 <= explore <= 1.0:
+        raise InputError(
+            f"share of random tiles {explore} must be between 0 and 1, e.g. 0.5",
+            parameters=("explore",),
+        )
     if measure not in defaults.SUGGEST_MEASURES:
         raise InputError(
             f"measure {measure!r} is not one of {', '.join(defaults.SUGGEST_MEASURES)}",
@@ -445,12 +469,18 @@ def change_shares(src: Any, tiles: gpd.GeoDataFrame, threshold: float, band: int
 
 
 def suggestion_frame(
-    candidates: gpd.GeoDataFrame, chosen: list[int], ranking: Ranking, shares: np.ndarray
+    candidates: gpd.GeoDataFrame,
+    ranked: list[int],
+    drawn: list[int],
+    ranking: Ranking,
+    shares: np.ndarray,
 ) -> gpd.GeoDataFrame:
-    """The suggestions layer: chosen candidates in rank order."""
+    """The suggestions layer: the ranked candidates in rank order, then the drawn ones."""
+    chosen = ranked + drawn
     picked = candidates.iloc[chosen]
     columns = {
         "rank": np.arange(1, len(chosen) + 1, dtype=np.int64),
+        "picked_by": np.array([ranking.measure] * len(ranked) + [RANDOM_PICK] * len(drawn)),
         "tile_id": picked["tile_id"].to_numpy(dtype=np.int64),
         "score": np.round(ranking.score[chosen], 6),
         "uncertainty": np.round(ranking.uncertainty[chosen], 6),
@@ -511,9 +541,13 @@ def choose_suggestions(
     tile_size: int,
     progress: Progress,
     measure: str = defaults.SUGGEST_MEASURE,
+    explore: float = 0.0,
+    seed: int = defaults.SEED,
 ) -> tuple[gpd.GeoDataFrame, str]:
-    """The suggestions layer (the unlabelled ``tiles`` ranked by ``measure``, spaced) and the
-    measure used; ``shares`` is the change share of every tile, labelled or not."""
+    """The suggestions layer and the measure used: the unlabelled ``tiles`` ranked by
+    ``measure``, then a share ``explore`` of ``count`` drawn at random among the other
+    unlabelled tiles (seeded by ``seed`` and the number of labelled tiles), all spaced;
+    ``shares`` is the change share of every tile, labelled or not."""
     labels = tiles["label"].to_numpy()
     shares = np.asarray(shares, dtype=np.float64)
     is_candidate = labels == UNLABELLED
@@ -523,15 +557,21 @@ def choose_suggestions(
     )
     windows = candidates[["row_off", "col_off", "height", "width"]].to_numpy(dtype=np.int64)
     order = rank_order(ranking.score, candidates["tile_id"].to_numpy())
-    chosen = spaced_selection(order, windows, count, int(np.ceil(min_gap * tile_size)))
-    if len(chosen) == len(candidates) < count:
+    gap = int(np.ceil(min_gap * tile_size))
+    random_count = int(round(explore * count))
+    chosen = spaced_selection(order, windows, count - random_count, gap)
+    rng = np.random.default_rng([int(seed), int(np.count_nonzero(~is_candidate))])
+    drawn = spaced_selection(
+        rng.permutation(len(candidates)), windows, count - len(chosen), gap, already=chosen
+    )
+    if len(chosen) + len(drawn) == len(candidates) < count:
         progress.log(f"only {len(candidates)} tiles are unlabelled; all are suggested")
-    elif len(chosen) < count:
+    elif len(chosen) + len(drawn) < count:
         progress.log(
-            f"only {len(chosen)} of {count} tiles fit {min_gap:g} tile width(s) apart among "
-            f"{len(candidates)} unlabelled tiles; lower the minimum gap for more"
+            f"only {len(chosen) + len(drawn)} of {count} tiles fit {min_gap:g} tile width(s) "
+            f"apart among {len(candidates)} unlabelled tiles; lower the minimum gap for more"
         )
-    frame = suggestion_frame(candidates, chosen, ranking, shares[is_candidate])
+    frame = suggestion_frame(candidates, chosen, drawn, ranking, shares[is_candidate])
     return frame, ranking.measure
 
 
@@ -549,6 +589,8 @@ def suggest_tiles(
     min_valid_fraction: float = 0.5,
     band: int = 1,
     measure: str = defaults.SUGGEST_MEASURE,
+    explore: float = defaults.SUGGEST_EXPLORE,
+    seed: int = defaults.SEED,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> SuggestResult:
@@ -569,7 +611,11 @@ def suggest_tiles(
         min_gap: tile widths kept free between any two suggestions (0: no rule).
         min_valid_fraction: tiles with fewer valid pixels are left out (as in ``kdmsi run``).
         band: the raster's band.
-        measure: how tiles are ranked: ``false-alarms`` or ``uncertainty`` (module docs).
+        measure: how tiles are ranked: ``uncertainty`` or ``false-alarms`` (module docs).
+        explore: the share of ``count`` drawn at random among the other unlabelled tiles
+            (module docs), after the ranked ones.
+        seed: the random draw's seed (with the number of labelled tiles, so a new round of
+            labels draws anew).
         overwrite: replace an existing output.
         progress: progress and cancellation.
 
@@ -583,7 +629,7 @@ def suggest_tiles(
     """
     # Longer than 80 lines: the job's documented parameters; each step is a helper above.
     progress = progress or Progress()
-    check_parameters(count, min_gap, min_valid_fraction, measure)
+    check_parameters(count, min_gap, min_valid_fraction, measure, explore)
     spec = parse_suggest_threshold(threshold)
     target = check_output(out, overwrite=overwrite)
     if target.suffix.lower() != ".gpkg":
@@ -602,7 +648,15 @@ def suggest_tiles(
         progress=progress,
     )
     frame, used = choose_suggestions(
-        tiles, shares, int(count), min_gap, size, progress, measure=measure
+        tiles,
+        shares,
+        int(count),
+        min_gap,
+        size,
+        progress,
+        measure=measure,
+        explore=explore,
+        seed=seed,
     )
     progress.stage("write", message=str(target))
     with atomic_output(target, overwrite=overwrite) as tmp:
@@ -621,6 +675,8 @@ def suggest_tiles(
         "threshold_method": chosen_threshold.method,
         "measure": used,
         "measure_formula": MEASURE_FORMULAS[used],
+        "explore": float(explore),
+        "random_tiles": int(np.count_nonzero(frame["picked_by"] == RANDOM_PICK)),
         "tile_size": size,
         "min_gap": min_gap,
         "tiles": [int(v) for v in frame["tile_id"]],

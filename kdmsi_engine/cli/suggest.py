@@ -81,6 +81,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         default=d.SUGGEST_MEASURE,
         help=f"how tiles are ranked ({d.SUGGEST_MEASURE})",
     )
+    parser.add_argument(
+        "--explore",
+        type=float,
+        default=d.SUGGEST_EXPLORE,
+        help="share of the tiles drawn at random among the other unlabelled ones, after the "
+        f"ranked ones, so that the labels stay a fair sample of the scene ({d.SUGGEST_EXPLORE:g})",
+    )
     parser.set_defaults(handler=_handle)
 
 
@@ -101,6 +108,7 @@ def _handle(args: argparse.Namespace, progress: Progress) -> Mapping[str, Any]:
         min_valid_fraction=args.min_valid,
         band=args.band,
         measure=args.measure,
+        explore=args.explore,
         overwrite=args.overwrite,
         progress=progress,
     )

@@ -36,6 +36,7 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
     THRESHOLD = "THRESHOLD"
     MIN_GAP = "MIN_GAP"
     MEASURE = "MEASURE"
+    EXPLORE = "EXPLORE"
     HELP = (
         "Which tiles to label next: the unlabelled tiles where a change map is least sure, "
         "ranked (rank 1 first).\n\n"
@@ -48,7 +49,9 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
         "tiles where the map calls much change but which look unchanged by the tiles labelled "
         "so far (change_share times the chance that the tile is unchanged, learned from the "
         "labelled tiles): labelled unchanged, their false alarms leave the map and calibrate "
-        "the chain; labelled changed, they are changes the map half saw. Suggestions keep the minimum gap (in tile widths) apart, so they are not neighbours in one blob."
+        "the chain; labelled changed, they are changes the map half saw. A share of the tiles "
+        "can be drawn at random instead (after the ranked ones), so that the labelled tiles "
+        "stay a fair sample of the scene. Suggestions keep the minimum gap (in tile widths) apart, so they are not neighbours in one blob."
         "\n\n"
         "Next: label the suggested tiles (change = 1 or 0 in the labelling grid) and run the "
         "chain again."
@@ -106,6 +109,12 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
             adv=True,
         )
         self.add_float(
+            self.EXPLORE,
+            self.tr("Share of the tiles drawn at random (0 to 1)"),
+            float(D.SUGGEST_EXPLORE),
+            adv=True,
+        )
+        self.add_float(
             self.MIN_GAP,
             self.tr("Minimum gap between suggested tiles (tile widths)"),
             float(D.SUGGEST_MIN_GAP),
@@ -154,4 +163,5 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
         arguments += ["--min-gap", self.number(parameters, self.MIN_GAP, context)]
         measure = self.enum_value(parameters, self.MEASURE, D.SUGGEST_MEASURES, context)
         arguments += ["--measure", measure]
+        arguments += ["--explore", self.number(parameters, self.EXPLORE, context)]
         return EngineCall("suggest", arguments, outputs={self.OUTPUT: output})

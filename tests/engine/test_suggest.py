@@ -20,7 +20,7 @@ from cli_harness import assert_refused, run_cli
 from shapely.geometry import box
 
 from kdmsi_engine import defaults
-from kdmsi_engine.errors import LabelError
+from kdmsi_engine.errors import InputError, LabelError
 from kdmsi_engine.suggest import SUGGEST_LAYER, suggest_tiles
 
 TILE = 64
@@ -392,3 +392,27 @@ def test_change_odds_are_monotone_and_bounded_on_separable_labels() -> None:
     # the most likely false alarms lie between the two kinds, not at either end
     assert 0.02 < grid[np.argmax(score)] < 0.9
     assert ChangeOdds.fit(shares[:4], labels[:4]) is None
+
+
+def test_explore_draws_a_share_at_random_after_the_ranked_tiles(preview, tmp_path) -> None:
+    ranked = [r[0] for r in _expected(preview["cva"], 0.2)]
+    common = {"tile_size": TILE, "count": 6, "min_gap": 0, "threshold": 0.2}
+    first, again = tmp_path / "first.gpkg", tmp_path / "again.gpkg"
+    result = suggest_tiles(preview["cva"], first, explore=0.5, **common)
+    suggest_tiles(preview["cva"], again, explore=0.5, **common)
+    frame = _read(first)
+    assert result["random_tiles"] == 3 and result["explore"] == 0.5
+    assert list(frame["picked_by"]) == ["uncertainty"] * 3 + ["random"] * 3
+    assert list(frame["tile_id"][:3]) == ranked[:3]
+    drawn = list(frame["tile_id"][3:])
+    assert len(set(drawn)) == 3 and not set(drawn) & set(ranked[:3])
+    assert set(drawn) <= set(ranked)  # unlabelled tiles of the scene
+    assert list(_read(again)["tile_id"]) == list(frame["tile_id"])  # seeded: repeatable
+    # drawn from the whole scene, not from the top of the ranking
+    everything = tmp_path / "all.gpkg"
+    suggest_tiles(preview["cva"], everything, explore=1.0, **{**common, "count": 30})
+    positions = [ranked.index(t) for t in _read(everything)["tile_id"]]
+    assert max(positions) > len(ranked) // 2 and min(positions) < len(ranked) // 2
+    with pytest.raises(InputError, match="random tiles"):
+        suggest_tiles(preview["cva"], tmp_path / "bad.gpkg", explore=1.5, **common)
+    assert not (tmp_path / "bad.gpkg").exists()
