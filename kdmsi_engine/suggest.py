@@ -33,8 +33,14 @@ of the map's units and works the same on the preview and on a trained chain's ma
   labelled tile of each kind; before that the tiles are ranked by ``uncertainty``.
 
 Measured with ``benchmarks/active_learning.py`` (README): both pick mostly changed tiles (most
-64 px tiles of a city hold some change), score alike, and neither beats labelling random tiles
-consistently.
+64 px tiles of a city hold some change), ``uncertainty`` scores higher, and neither beats
+labelling random tiles on every scene.
+
+**Exploration.** ``explore`` draws that share of the suggestions at random among the other
+unlabelled tiles, after the ranked ones (``picked_by`` says which). Why: the tiles labelled
+unchanged calibrate the chain's view of unchanged land (the change vector analysis, the final
+threshold), and tiles suggested for being unsure are not a fair sample of it: measured, with
+few labels they can make real changes look ordinary and lower the recall.
 
 **Diversity.** Neighbouring tiles of one large blob score alike and teach the same thing, so the
 tiles are taken in rank order and a tile is skipped when it lies within ``min_gap`` tile widths
