@@ -12,9 +12,9 @@ Landsat references):
 3. For ``--rounds`` rounds, the analysts of ``--strategies`` go on from the same seed run:
    **uncertainty** and **false-alarms** label the ``--per-round`` tiles ``kdmsi suggest
    --measure`` ranks first on the run's ``change_probability.tif``, **mixed** those of
-   ``--measure uncertainty --explore 0.5`` (half ranked, half drawn at random by the tool)
-   (its other defaults: the run's threshold, one tile width between suggestions; unanswerable
-   suggestions are passed over), **random** labels as many unlabelled, answerable tiles drawn
+   ``--measure uncertainty --explore 0.5`` (half ranked, half drawn at random by the tool: the
+   defaults) (its other defaults: the run's threshold, one tile width between suggestions;
+   unanswerable suggestions are passed over), **random** labels as many unlabelled, answerable tiles drawn
    at random (seeded). Each reruns the chain and is scored.
 
 The chain runs with its defaults and ``--tile-size 64`` plus ``--kd-epochs 1 --msi-scales 1``:
@@ -70,11 +70,14 @@ from kdmsi_engine.atomic import write_text_atomic
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = REPO_ROOT / "active-learning-output"
-#: Scene and seed of each simulation by default: the OSCD cities with the most 64 px tiles
-#: (over 120: the most room to choose tiles from), seed 0, and a second seed on the two that
-#: run fastest; what fits this benchmark's budget on 2 cores (README). --scenes/--seeds (every
-#: scene with every seed) or --runs take others.
-DEFAULT_RUNS = "beihai:0,abudhabi:0,mumbai:0,abudhabi:1,mumbai:1"
+#: Scene and seed of each simulation by default: the five OSCD cities with the most 64 px tiles
+#: (over 100: room to choose tiles from), ten simulations in all, three seeds on Abu Dhabi and
+#: Mumbai, two on Beihai (about 35 minutes on 2 cores, README). --scenes/--seeds (every scene
+#: with every seed) or --runs take others.
+DEFAULT_RUNS = (
+    "beihai:0,abudhabi:0,mumbai:0,abudhabi:1,mumbai:1,"
+    "beihai:1,hongkong:0,saclay_e:0,mumbai:2,abudhabi:2"
+)
 #: The analysts who label ``kdmsi suggest``'s tiles: its ``--measure`` and ``--explore`` (the
 #: share of the suggestions drawn at random); and the one who labels random tiles.
 SUGGESTING = {

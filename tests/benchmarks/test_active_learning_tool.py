@@ -84,6 +84,11 @@ def test_default_runs_and_scene_lists(shared_data: Path) -> None:
         ("mumbai", 0),
         ("abudhabi", 1),
         ("mumbai", 1),
+        ("beihai", 1),
+        ("hongkong", 0),
+        ("saclay_e", 0),
+        ("mumbai", 2),
+        ("abudhabi", 2),
     ]
     product = argparse.Namespace(runs=DEFAULT_RUNS, scenes="paris,bercy", seeds="0,2")
     assert [(s.name, seed) for s, seed in simulations(scenes, product)] == [

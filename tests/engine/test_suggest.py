@@ -90,7 +90,13 @@ def test_ranking_follows_the_measure_recomputed_from_the_pixels(preview, tmp_pat
     threshold = 0.2
     out = tmp_path / "all.gpkg"
     result = suggest_tiles(
-        preview["cva"], out, tile_size=TILE, count=10_000, min_gap=0, threshold=threshold
+        preview["cva"],
+        out,
+        tile_size=TILE,
+        count=10_000,
+        min_gap=0,
+        threshold=threshold,
+        explore=0,
     )
     frame = _read(out)
     expected = _expected(preview["cva"], threshold)
@@ -120,7 +126,9 @@ def test_footprints_are_the_tiles_in_the_scene_crs(preview, tmp_path) -> None:
 
 def test_only_unlabelled_tiles_are_suggested(preview, tmp_path) -> None:
     first = tmp_path / "first.gpkg"
-    suggest_tiles(preview["cva"], first, tile_size=TILE, count=6, min_gap=0, threshold=0.2)
+    suggest_tiles(
+        preview["cva"], first, tile_size=TILE, count=6, min_gap=0, threshold=0.2, explore=0
+    )
     top = list(_read(first)["tile_id"])
     # the analyst labels exactly the tiles the map was least sure of
     labels = _label(_read(first), top, tmp_path / "labels.gpkg")
@@ -134,6 +142,7 @@ def test_only_unlabelled_tiles_are_suggested(preview, tmp_path) -> None:
         min_gap=0,
         threshold=0.2,
         measure="uncertainty",
+        explore=0,
     )
     again = list(_read(second)["tile_id"])
     assert not set(again) & set(top)
@@ -187,6 +196,7 @@ def test_false_alarms_measure_recomputed_independently(preview, tmp_path) -> Non
         min_gap=0,
         threshold=threshold,
         measure="false-alarms",
+        explore=0,
     )
     assert result["measure"] == "false-alarms"
     frame = _read(out)
@@ -233,6 +243,7 @@ def test_false_alarms_measure_waits_for_both_kinds_of_label(preview, tmp_path) -
         min_gap=0,
         threshold=0.2,
         measure="false-alarms",
+        explore=0,
     )
     assert result["measure"] == "uncertainty"
     assert list(_read(out)["tile_id"]) == every[3:7]
@@ -242,7 +253,7 @@ def test_false_alarms_measure_waits_for_both_kinds_of_label(preview, tmp_path) -
 def test_count_and_gap_are_respected(preview, tmp_path) -> None:
     close = tmp_path / "close.gpkg"
     spaced = tmp_path / "spaced.gpkg"
-    common = {"tile_size": TILE, "count": 12, "threshold": 0.2}
+    common = {"tile_size": TILE, "count": 12, "threshold": 0.2, "explore": 0}
     suggest_tiles(preview["cva"], close, min_gap=0, **common)
     result = suggest_tiles(preview["cva"], spaced, min_gap=1, **common)
     near, far = _read(close), _read(spaced)
@@ -291,7 +302,7 @@ def test_auto_threshold_is_the_runs_own(preview, tmp_path) -> None:
     }
     (folder / defaults.RECORD_NAME).write_text(json.dumps(record), encoding="utf-8")
     out = tmp_path / "next.gpkg"
-    result = suggest_tiles(probability, out, tile_size=TILE, count=4, min_gap=0)
+    result = suggest_tiles(probability, out, tile_size=TILE, count=4, min_gap=0, explore=0)
     assert (result["threshold"], result["threshold_method"]) == (0.31, "run")
     expected = [r[0] for r in _expected(probability, 0.31)]
     assert list(_read(out)["tile_id"]) == expected[:4]
