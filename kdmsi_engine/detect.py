@@ -261,11 +261,15 @@ def detect_scene(
         raise InputError(f"window size {tile} must be a multiple of 16 (the detector's stride)")
     paths = check_detect_outputs(out_dir, overwrite=overwrite, record=write_record)
     calibration = calibration_tiles if calibration_tiles is not None else unchanged_tiles
+    # the tiles whose unchanged pixels set ``unchanged-q`` of change_probability.tif
+    threshold_tiles = calibration
     detector_map = paths["change_probability"]
     if fuse_with is not None:
         if calibration is None:
             raise InputError("fusing change maps needs tiles labelled unchanged to calibrate on")
-        spectral_tiles = unchanged_tiles if unchanged_tiles is not None else calibration
+        # the fused score is mostly the untrained map's: its scale and the threshold from
+        # every unchanged tile
+        threshold_tiles = unchanged_tiles if unchanged_tiles is not None else calibration
         detector_map = check_output(
             paths["change"].parent / DETECTOR_PROBABILITY_NAME, overwrite=overwrite
         )
@@ -321,7 +325,7 @@ def detect_scene(
         fusion = fuse_maps(
             [detector_map, fuse_with],
             paths["change_probability"],
-            [calibration.unchanged_mask, spectral_tiles.unchanged_mask],
+            [calibration.unchanged_mask, threshold_tiles.unchanged_mask],
             weights=(fuse_weight, 1.0 - fuse_weight),
             gate=1 if gate_rate < 1.0 else None,
             gate_rate=gate_rate,
@@ -329,13 +333,11 @@ def detect_scene(
             progress=progress,
         )
         timings["fuse_s"] = round(time.monotonic() - mark, 2)
-        # the fused score is mostly the untrained map's: its threshold from every unchanged tile
-        calibration = spectral_tiles
     mark = time.monotonic()
     value = raster_threshold(
         paths["change_probability"],
         spec,
-        unchanged=calibration.unchanged_mask if calibration is not None else None,
+        unchanged=threshold_tiles.unchanged_mask if threshold_tiles is not None else None,
         quantile=unchanged_quantile,
     )
     write_uint8_classes(

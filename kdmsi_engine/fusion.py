@@ -98,8 +98,11 @@ def calibration_scales(
     histograms = [Histogram(BINS) for _ in sources]
     for window in strips:
         row, height, width = int(window.row_off), int(window.height), int(window.width)
+        masks: dict[int, np.ndarray] = {}  # one mask per distinct function and strip
         for src, histogram, calibration in zip(sources, histograms, calibrations):
-            mask = calibration(row, height, width)
+            mask = masks.get(id(calibration))
+            if mask is None:
+                mask = masks[id(calibration)] = calibration(row, height, width)
             if not mask.any():
                 continue
             values = src.read(1, window=window)

@@ -526,15 +526,14 @@ def ranked_candidates(
             else np.full(len(tiles), UNLABELLED, dtype=np.int8)
         )
         counts = label_counts(tiles["label"])
-        candidates = tiles[tiles["label"] == UNLABELLED]
-        if candidates.empty:
+        if counts["unlabelled"] == 0:
             raise LabelError(
                 f"every tile is labelled ({counts['changed']} changed, {counts['unchanged']} "
                 "unchanged): there is nothing left to suggest; run the chain"
             )
         progress.stage("threshold", message=str(spec))
         threshold = resolve_threshold(raster, spec, tiles, band)
-        progress.stage("rank", message=f"{len(candidates)} unlabelled tiles")
+        progress.stage("rank", message=f"{counts['unlabelled']} unlabelled tiles")
         shares = change_shares(src, tiles, threshold.value, band)
     return tiles, shares, counts, threshold
 

@@ -125,8 +125,9 @@ def _multiscale(
         target = _scaled_size(size, scale)
         b = _resize(before, target)
         a = _resize(after, target)
-        for first in range(0, batch, _tiles_per_forward(target)):
-            part = slice(first, first + _tiles_per_forward(target))
+        chunk = _tiles_per_forward(target)
+        for first in range(0, batch, chunk):
+            part = slice(first, first + chunk)
             n = b[part].shape[0]
             g = _forward_with_flip(net, b[part], a[part], amp)
             p = _resize(torch.sigmoid(g), size)
