@@ -13,7 +13,9 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    yardstick of :mod:`benchmarks.yardstick` (plain PyTorch, fp32, a backbone pass per date,
    default memory format), interleaved in this process (5 runs, medians; ``--runs``); ratios in
    ``bench.json`` (``yardstick_ratios``). ``tests/benchmarks/test_yardstick.py`` checks both
-   give the same losses. Also: ResNet50 MSI seconds per tile at batch 1 and 4
+   give the same losses. Each engine row also has the share of its step spent in convolutions
+   (profiled) and ``bound_vs_plain``, the ratio the engine would reach if nothing but its
+   convolutions took time. Also: ResNet50 MSI seconds per tile at batch 1 and 4
    (``msi_batches``), and ``kdmsi detect``'s predict stage against its model alone on the same
    windows of a 2048 px six-band scene, 128 px windows, overlap 32 (``detect_overhead``).
    ``--only-yardstick`` runs only these.
@@ -265,8 +267,35 @@ def _interleaved(fns: dict[Any, Any], runs: int) -> dict[Any, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+#: the operators of a convolution's forward and backward passes on the CPU (oneDNN)
+CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def convolution_share(fn: Any) -> float:
+    """The share of one call's operator time (profiled) spent in convolutions.
+
+    The convolutions do the same arithmetic in the engine and the plain step, and run in
+    oneDNN near the CPU's peak; the rest (BatchNorm, ReLU, additions, the optimizer) is what
+    an implementation can shrink. So ``plain / (engine * share)`` bounds the engine's speed-up
+    over the plain step if everything but its convolutions took no time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
+    return conv / total if total else 0.0
+
+
 def _ratio_rows(
-    step: str, backbone: str, size: int, medians: dict[str, float], runs: int
+    step: str,
+    backbone: str,
+    size: int,
+    medians: dict[str, float],
+    runs: int,
+    shares: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     plain = medians["plain fp32"]
     rows = []
@@ -283,6 +312,9 @@ def _ratio_rows(
                 "speed_vs_plain": round(plain / seconds, 2),
             }
         )
+        if shares and name in shares:
+            rows[-1]["convolution_share"] = round(shares[name], 3)
+            rows[-1]["bound_vs_plain"] = round(plain / (seconds * shares[name]), 2)
         print(_row(rows[-1]), flush=True)
     return rows
 
@@ -325,7 +357,9 @@ def _yardstick_kd(
         fns[f"engine {precision}"] = functools.partial(
             engine_kd_step, (teacher, student, opt), batch, precision
         )
-    return _ratio_rows("kd", backbone, len(batch["labels"]), _interleaved(fns, runs), runs)
+    medians = _interleaved(fns, runs)
+    shares = {name: convolution_share(fn) for name, fn in fns.items()}
+    return _ratio_rows("kd", backbone, len(batch["labels"]), medians, runs, shares)
 
 
 def _yardstick_detector(
@@ -347,7 +381,9 @@ def _yardstick_detector(
         fns[f"engine {precision}"] = functools.partial(
             engine_detector_step, detector, opt, batch, precision
         )
-    return _ratio_rows("detector", backbone, len(batch["labels"]), _interleaved(fns, runs), runs)
+    medians = _interleaved(fns, runs)
+    shares = {name: convolution_share(fn) for name, fn in fns.items()}
+    return _ratio_rows("detector", backbone, len(batch["labels"]), medians, runs, shares)
 
 
 def bench_msi_batches(runs: int, backbone: str = "resnet50") -> list[dict[str, Any]]:
@@ -832,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch",
                 "median_seconds_per_step",
                 "speed_vs_plain",
+                "convolution_share",
+                "bound_vs_plain",
             ],
         ),
         (

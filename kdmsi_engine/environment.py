@@ -37,6 +37,14 @@ def configure_process() -> None:
     keep_allocations_mapped()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def keep_allocations_mapped() -> bool:
     """Make glibc keep freed training buffers instead of returning them to the OS each step.
 

@@ -28,6 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from kdmsi_engine.atomic import atomic_output, check_output
+from kdmsi_engine.environment import usable_cpus
 from kdmsi_engine.errors import GridError, InputError
 from kdmsi_engine.progress import Progress
 
@@ -70,6 +71,18 @@ def _block_size(grid: GridLike, block: int = BLOCK_SIZE) -> int:
     return max(16, int(math.ceil(largest / 16.0)) * 16)
 
 
+def compression_threads() -> str:
+    """Threads GDAL compresses a GeoTIFF's blocks with: ``GDAL_NUM_THREADS`` if the user set
+    it, else every CPU the process may use.
+
+    GDAL compresses a block when it leaves its cache: for a map that fits the cache, all of
+    them at the end, with the overviews, while nothing else runs. A 2048 x 2048 float32 map's
+    last flush and overviews took 0.38 s in one thread and 0.22 s in two (issue 14). It is a
+    creation option: GDAL reads it when the file is created.
+    """
+    return os.environ.get("GDAL_NUM_THREADS") or str(usable_cpus())
+
+
 def geotiff_profile(
     grid: GridLike,
     *,
@@ -104,6 +117,7 @@ def geotiff_profile(
         "predictor": 3 if floating else 2,
         "interleave": "band" if count > 1 else "pixel",
         "BIGTIFF": "IF_SAFER",
+        "num_threads": compression_threads(),
     }
     if np.dtype(dtype).itemsize == 1:
         profile["predictor"] = 1

@@ -23,14 +23,16 @@ Streaming and memory bound:
     windows run across strips, so no strip ends in a short batch. Two accumulators of
     ``tile_size`` rows x scene width (weighted sum and weight, float32) hold the strip being
     blended; rows that no later window touches are moved to an output buffer of
-    :data:`~kdmsi_engine.rasterio_out.BLOCK_SIZE` (512) rows x width, written to the GeoTIFF
-    each time it holds a full row of 512 x 512 tiles. A background thread reads (and scales)
-    the next :data:`READ_AHEAD` batches while the model runs on the current one, and windows
-    are weighted in place as they are blended. Peak memory is therefore
-    ``(1 + READ_AHEAD) * batch_size`` windows of input, ``batch_size`` of output, plus about
-    ``(2 * tile_size + 512) * width * 4 * bands`` bytes of buffers (``width = 8192``,
-    ``tile_size = 256``, one band: 32 MB) and a GDAL block cache bounded to 64 MB; it does not
-    depend on the scene's height, and only these row buffers grow with its width.
+    :data:`~kdmsi_engine.rasterio_out.BLOCK_SIZE` (512) rows x width, handed to the GeoTIFF
+    each time it holds a full row of 512 x 512 tiles. Both ends of the model run in background
+    threads: one reads (and scales) the next :data:`READ_AHEAD` batches while the model runs on
+    the current one, another writes (and, once GDAL's cache is full, compresses) finished rows,
+    at most :data:`WRITE_BEHIND` row blocks behind; windows are weighted in place as they are
+    blended. Peak memory is therefore ``(1 + READ_AHEAD) * batch_size`` windows of input,
+    ``batch_size`` of output, plus about ``(2 * tile_size + (1 + WRITE_BEHIND) * 512) * width *
+    4 * bands`` bytes of buffers (``width = 8192``, ``tile_size = 256``, one band: 48 MB) and a
+    GDAL block cache bounded to 64 MB; it does not depend on the scene's height, and only these
+    row buffers grow with its width.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_FLOOR = 0.01
 #: batches read ahead of the one the model runs on (each holds ``batch_size`` windows)
 READ_AHEAD = 2
+#: finished 512-row blocks that may wait for the writer thread before blending waits for it
+WRITE_BEHIND = 2
 
 PredictBatch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -134,7 +138,11 @@ def check_window_params(tile_size: int, overlap: int, batch_size: int) -> None:
 
 
 class _StripBlender:
-    """Blends strips of windows and writes finished rows in 512-row blocks."""
+    """Blends strips of windows and writes finished rows in 512-row blocks.
+
+    ``dst`` is anything with rasterio's ``write(array, window=...)`` (a dataset or a
+    :class:`_WriteBehind`); each block handed to it is a new array, never written to again.
+    """
 
     def __init__(self, dst: Any, width: int, height: int, tile_size: int, bands: int) -> None:
         self.dst = dst
@@ -199,8 +207,47 @@ class _StripBlender:
             return
         window = Window(0, self.out_start, self.width, self.out_len)
         self.dst.write(self.out[:, : self.out_len], window=window)
+        # the block now belongs to the writer (it may still be writing it): start a new one
+        self.out = np.full_like(self.out, PROB_NODATA)
         self.out_start += self.out_len
         self.out_len = 0
+
+
+class _WriteBehind:
+    """Writes row blocks to a dataset in order in one background thread.
+
+    GDAL compresses a block when it leaves its cache, inside ``write`` once the cache is full
+    (scenes larger than the cache) and otherwise when the dataset is flushed; rasterio releases
+    the GIL meanwhile, so the writes and compression of finished rows overlap with the model's
+    work on the next windows. At most :data:`WRITE_BEHIND` blocks wait; the dataset is used by
+    this thread only while the block is open. On leaving the block normally every write is
+    finished (and its error raised); on an error, writes not yet started are dropped.
+    """
+
+    def __init__(self, dst: Any) -> None:
+        self.dst = dst
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdmsi-write")
+        self.pending: deque[Future[None]] = deque()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def write(self, array: np.ndarray, *, window: Window) -> None:
+        """Queue ``array`` (not modified afterwards by the caller) for ``window``."""
+        while len(self.pending) >= WRITE_BEHIND:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.dst.write, array, window=window))
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                while self.pending:
+                    self.pending.popleft().result()
+            else:
+                for future in self.pending:
+                    future.cancel()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _batches(windows: Sequence[Window], size: int) -> Iterator[list[Window]]:
@@ -251,7 +298,6 @@ def predict_scene_multi(
         if band_descriptions:
             for i, text in enumerate(band_descriptions[:bands], start=1):
                 dst.set_band_description(i, text)
-        blender = _StripBlender(dst, grid.width, grid.height, tile_size, bands)
         # batches run across strips (no short batch at the end of every strip); a strip's
         # finished rows leave the accumulator as soon as its last window is blended
         row_ends = {
@@ -260,7 +306,8 @@ def predict_scene_multi(
         }
         row_ends[id(strips[-1][-1])] = grid.height
         batches = list(_batches([w for strip in strips for w in strip], batch_size))
-        with _ReadAhead(scene, batches) as reads:
+        with _WriteBehind(dst) as writer, _ReadAhead(scene, batches) as reads:
+            blender = _StripBlender(writer, grid.width, grid.height, tile_size, bands)
             for batch, read in zip(batches, reads):
                 progress.check_cancelled()
                 pred = _predict(batch, read, predict_batch, device, bands)
@@ -270,7 +317,7 @@ def predict_scene_multi(
                     if id(window) in row_ends:
                         blender.finish_rows(row_ends[id(window)])
                 progress.advance(len(batch))
-        blender.flush()
+            blender.flush()
         progress.check_cancelled()
         add_overviews(dst, "average")
     return target

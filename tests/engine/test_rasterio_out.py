@@ -79,3 +79,26 @@ def test_write_uint8_classes_real_raster(shared_data, tmp_path):
     with pytest.raises(RasterError):
         write_uint8_classes(tmp_path / "missing.tif", tmp_path / "bad.tif", 0.5)
     assert not (tmp_path / "bad.tif").exists()
+
+
+def test_compression_threads_follow_the_user_or_the_usable_cpus(tmp_path, monkeypatch):
+    """Issue 14: GeoTIFFs are compressed with every usable CPU unless GDAL_NUM_THREADS says
+    otherwise; the written map is the same either way."""
+    from kdmsi_engine.environment import usable_cpus
+
+    monkeypatch.delenv("GDAL_NUM_THREADS", raising=False)
+    assert geotiff_profile(_Grid())["num_threads"] == str(usable_cpus())
+    data = np.linspace(0, 1, 600 * 700, dtype=np.float32).reshape(600, 700)
+    written = []
+    for threads in ("1", "ALL_CPUS"):
+        monkeypatch.setenv("GDAL_NUM_THREADS", threads)
+        assert geotiff_profile(_Grid())["num_threads"] == threads
+        path = tmp_path / f"t{len(written)}.tif"
+        with create_geotiff(path, _Grid(), nodata=PROB_NODATA) as dst:
+            dst.write(data, 1)
+            add_overviews(dst)
+        with rasterio.open(path) as src:
+            written.append((src.read(1), src.read(1, out_shape=(150, 175))))
+    np.testing.assert_array_equal(written[0][0], data)
+    np.testing.assert_array_equal(written[0][0], written[1][0])
+    np.testing.assert_array_equal(written[0][1], written[1][1])

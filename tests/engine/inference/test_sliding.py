@@ -295,3 +295,51 @@ def test_fit_window_computes_least_and_stays_in_bounds():
         assert 128 <= size <= 512 and size % 16 == 0
         windows = len(window_starts(width, size, 16)) * len(window_starts(height, size, 16))
         assert windows * size * size < 1.2 * width * height
+
+
+class _RecordingDataset:
+    """Records ``write`` calls (thread, window, a copy of the array); fails on request."""
+
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
+        self.calls: list[tuple[str, int, np.ndarray]] = []
+        self.fail_at = fail_at
+        self.delay = delay
+
+    def write(self, array: np.ndarray, *, window: Window) -> None:
+        import threading
+        import time
+
+        time.sleep(self.delay)
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise OSError("disk full")
+        self.calls.append((threading.current_thread().name, int(window.row_off), array.copy()))
+
+
+def test_write_behind_writes_in_order_off_the_main_thread_and_raises_its_errors():
+    """Issue 14: finished row blocks are written by one background thread, in order; a failed
+    write is raised in the caller, and on an error in the caller queued writes are dropped."""
+    from kdmsi_engine.inference.sliding import WRITE_BEHIND, _WriteBehind
+
+    dst = _RecordingDataset()
+    with _WriteBehind(dst) as writer:
+        for row in range(5):
+            writer.write(np.full((1, 2, 3), row, np.float32), window=Window(0, row * 2, 3, 2))
+            assert len(writer.pending) <= WRITE_BEHIND
+    assert [c[1] for c in dst.calls] == [0, 2, 4, 6, 8]
+    assert all(c[0].startswith("kdmsi-write") for c in dst.calls)
+    assert [int(c[2][0, 0, 0]) for c in dst.calls] == [0, 1, 2, 3, 4]
+
+    failing = _RecordingDataset(fail_at=1)
+    with pytest.raises(OSError, match="disk full"):
+        with _WriteBehind(failing) as writer:
+            for row in range(4):
+                writer.write(np.zeros((1, 2, 3), np.float32), window=Window(0, row * 2, 3, 2))
+    assert len(failing.calls) == 1
+
+    slow = _RecordingDataset(delay=0.2)
+    with pytest.raises(RuntimeError, match="stop"):
+        with _WriteBehind(slow) as writer:
+            writer.write(np.zeros((1, 2, 3), np.float32), window=Window(0, 0, 3, 2))
+            writer.write(np.zeros((1, 2, 3), np.float32), window=Window(0, 2, 3, 2))
+            raise RuntimeError("stop")
+    assert len(slow.calls) <= 1  # the second, not started, was dropped; the pool is shut down
