@@ -213,7 +213,31 @@ class _StripBlender:
         self.out_len = 0
 
 
-class _WriteBehind:
+class _SerialThread:
+    """One background thread that runs submitted calls in order, and the futures not yet
+    collected. Leaving it shuts the thread down; queued calls are dropped first when
+    :meth:`drop_pending` is called (an error or a cancel in the caller)."""
+
+    def __init__(self, name: str) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.pending: deque[Future[Any]] = deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args, **kwargs))
+
+    def collect(self) -> Any:
+        """The result of the oldest pending call (waits; raises its error)."""
+        return self.pending.popleft().result()
+
+    def drop_pending(self) -> None:
+        for future in self.pending:
+            future.cancel()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class _WriteBehind(_SerialThread):
     """Writes row blocks to a dataset in order in one background thread.
 
     GDAL compresses a block when it leaves its cache, inside ``write`` once the cache is full
@@ -225,9 +249,8 @@ class _WriteBehind:
     """
 
     def __init__(self, dst: Any) -> None:
+        super().__init__("kdmsi-write")
         self.dst = dst
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdmsi-write")
-        self.pending: deque[Future[None]] = deque()
 
     def __enter__(self) -> _WriteBehind:
         return self
@@ -235,19 +258,18 @@ class _WriteBehind:
     def write(self, array: np.ndarray, *, window: Window) -> None:
         """Queue ``array`` (not modified afterwards by the caller) for ``window``."""
         while len(self.pending) >= WRITE_BEHIND:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self.dst.write, array, window=window))
+            self.collect()
+        self.submit(self.dst.write, array, window=window)
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         try:
             if exc_type is None:
                 while self.pending:
-                    self.pending.popleft().result()
+                    self.collect()
             else:
-                for future in self.pending:
-                    future.cancel()
+                self.drop_pending()
         finally:
-            self.pool.shutdown(wait=True)
+            self.shutdown()
 
 
 def _batches(windows: Sequence[Window], size: int) -> Iterator[list[Window]]:
@@ -341,7 +363,7 @@ def _read_batch(scene: Any, batch: list[Window]) -> _BatchRead:
     return _BatchRead(before, after, valid)
 
 
-class _ReadAhead:
+class _ReadAhead(_SerialThread):
     """Reads the batches in order in one background thread, :data:`READ_AHEAD` batches ahead.
 
     GDAL and NumPy release the GIL, so reading and scaling the next windows overlaps with the
@@ -351,10 +373,9 @@ class _ReadAhead:
     """
 
     def __init__(self, scene: Any, batches: list[list[Window]]) -> None:
+        super().__init__("kdmsi-read")
         self.scene = scene
         self.batches = batches
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdmsi-read")
-        self.pending: deque[Future[_BatchRead]] = deque()
 
     def __enter__(self) -> Iterator[_BatchRead]:
         return self._reads()
@@ -362,18 +383,17 @@ class _ReadAhead:
     def _reads(self) -> Iterator[_BatchRead]:
         queue = iter(self.batches)
         for batch in itertools.islice(queue, READ_AHEAD):
-            self.pending.append(self.pool.submit(_read_batch, self.scene, batch))
+            self.submit(_read_batch, self.scene, batch)
         while self.pending:
-            read = self.pending.popleft().result()
+            read = self.collect()
             following = next(queue, None)
             if following is not None:
-                self.pending.append(self.pool.submit(_read_batch, self.scene, following))
+                self.submit(_read_batch, self.scene, following)
             yield read
 
     def __exit__(self, *exc: object) -> None:
-        for future in self.pending:
-            future.cancel()
-        self.pool.shutdown(wait=True)
+        self.drop_pending()
+        self.shutdown()
 
 
 def _predict(

@@ -30,12 +30,12 @@ class ThreadLimits(WorkerPlugin):
         self.workers_per_host = dict(workers_per_host)
 
     def setup(self, worker: Any) -> None:
-        from kdmsi_engine.environment import configure_process
+        from kdmsi_engine.environment import configure_process, usable_cpus
 
         configure_process()
         host = urlparse(worker.address).hostname or ""
         share = self.workers_per_host.get(host, 1) * max(1, int(worker.state.nthreads))
-        threads = max(1, _cores() // share)
+        threads = max(1, usable_cpus() // share)
         os.environ[THREADS_ENV] = str(threads)
         os.environ["GDAL_NUM_THREADS"] = str(threads)
         import torch
@@ -46,10 +46,3 @@ class ThreadLimits(WorkerPlugin):
         import kdmsi_engine.jobs.batch  # noqa: F401
 
         logger.info("worker %s: %d thread(s)", worker.address, threads)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
