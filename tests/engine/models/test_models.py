@@ -271,7 +271,8 @@ def test_backbone_names_constant() -> None:
 
 
 def test_one_pass_with_per_date_batch_norm_equals_a_pass_per_date() -> None:
-    """Issue 14: both dates in one training pass give each date's own BatchNorm statistics."""
+    """Issue 14: both dates in one training pass give each date's own BatchNorm statistics,
+    and the same gradients as a pass per date (the dates' features split once)."""
     import copy
 
     from benchmarks.bench import real_tiles
@@ -287,5 +288,19 @@ def test_one_pass_with_per_date_batch_norm_equals_a_pass_per_date() -> None:
     )
     for got, want in ((low1, ref_low1), (high1, ref_high1), (low2, ref_low2), (high2, ref_high2)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # every output of both dates feeds the loss, as in the detector (low and high differences)
+    weights = [torch.randn_like(t) for t in (low1, high1, low2, high2)]
+
+    def loss(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sum((w * t).sum() for w, t in zip(weights, outputs, strict=True))
+
+    loss((low1, high1, low2, high2)).backward()
+    loss((ref_low1, ref_high1, ref_low2, ref_high2)).backward()
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        # summed in another order over a batch of two dates: equal to float32 rounding of the
+        # gradient's scale
+        scale = float(b.grad.abs().max())
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
     for (name, a), (_, b) in zip(one.named_buffers(), two.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
