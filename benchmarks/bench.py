@@ -15,9 +15,10 @@ Runs on the CPU with 2 torch threads (``--threads``) and prints tables; writes
    ``bench.json`` (``yardstick_ratios``). ``tests/benchmarks/test_yardstick.py`` checks both
    give the same losses. Each row also has the seconds of its step spent in convolutions
    (profiled), their share of the median, and ``bound_vs_plain``, the ratio the engine would
-   reach if nothing but its convolutions took time. Also: ResNet50 MSI seconds per tile at batch 1 and 4
-   (``msi_batches``), and ``kdmsi detect``'s predict stage against its model alone on the same
-   windows of a 2048 px six-band scene, 128 px windows, overlap 32 (``detect_overhead``).
+   reach if nothing but its convolutions took time. Also: ResNet50 MSI seconds per tile at
+   batch 1 and 4 (``msi_batches``), and ``kdmsi detect``'s predict stage against its model
+   alone on the same windows of a 2048 px six-band scene, 128 px windows, overlap 32
+   (``detect_overhead``).
    ``--only-yardstick`` runs only these.
 2. **Inference**: tiles/s and megapixels/s of the student map (one scale) and of MSI (scales
    0.5, 1, 1.5, 2 with horizontal flips) at 256 px, bf16 autocast (the engine's default), with
@@ -282,21 +283,19 @@ def profile_convolutions(fn: Any, calls: int = 2) -> tuple[float, float]:
     The bound uses the convolutions' own seconds, not their share of a profiled call: in the
     interleaved bench the operators around them slow down by up to half from one call to the
     next (page faults on freshly mapped buffers), which shrank the share and once overstated
-    the float32 bound as 1.8x where it is 1.3x.
+    the float32 KD bound as 1.8x where it is 1.5x.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    best: tuple[float, float] | None = None
-    for _ in range(calls):
+    def profiled() -> tuple[float, float]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e6
         conv = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS) / 1e6
-        if best is None or conv < best[0]:
-            best = (conv, total)
-    assert best is not None
-    return best
+        return conv, total
+
+    return min(profiled() for _ in range(calls))
 
 
 def _ratio_rows(

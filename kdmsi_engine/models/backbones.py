@@ -159,11 +159,10 @@ def encode_pair(
     batch = before.shape[0]
     x = _backbone_input(torch.cat([before, after], dim=0))
     if not backbone.training:
-        out = backbone(x)
-        return _split(out, batch, 0), _split(out, batch, 1)
+        return _split_dates(backbone(x), batch, for_backward=False)
     with _dates_in_batch(backbone, 2):
         out = backbone(x)
-    return _split_dates(out, batch)
+    return _split_dates(out, batch, for_backward=True)
 
 
 def _backbone_input(x: Tensor) -> Tensor:
@@ -173,31 +172,23 @@ def _backbone_input(x: Tensor) -> Tensor:
     return x
 
 
-def _split(out: Any, batch: int, part: int) -> Any:
-    """The ``part``-th date's share of a backbone output (a tensor or a tuple of them).
+def _split_dates(out: Any, batch: int, *, for_backward: bool) -> tuple[Any, Any]:
+    """Each date's share of a backbone output (a tensor or a tuple of them).
 
-    Slices, for inference: the ONNX export traces them with the batch size left free, where
-    ``split`` would fix the sizes it was traced with.
+    For training (``for_backward``), one ``split`` per tensor, so the backward pass joins the
+    two dates' gradients with one concatenation. Two slices would each give back a
+    zero-filled gradient of the whole batch, summed afterwards: three more passes over every
+    feature map (the detector's stride-4 features are 34 MB in bf16 at batch 8), measured at
+    4 % of the bf16 detector step. Inference slices: the ONNX export traces slices with the
+    batch size left free, where ``split`` would fix the sizes it was traced with.
     """
     if isinstance(out, tuple):
-        return tuple(_split(o, batch, part) for o in out)
-    return out[part * batch : (part + 1) * batch]
-
-
-def _split_dates(out: Any, batch: int) -> tuple[Any, Any]:
-    """Each date's share of a backbone output (a tensor or a tuple of them), split once.
-
-    For training: one ``split`` per tensor, so the backward pass joins the two dates'
-    gradients with one concatenation. Two slices would each give back a zero-filled gradient
-    of the whole batch, summed afterwards: three more passes over every feature map (the
-    detector's stride-4 features are 34 MB in bf16 at batch 8), measured at 4 % of the bf16
-    detector step.
-    """
-    if isinstance(out, tuple):
-        pairs = [_split_dates(o, batch) for o in out]
+        pairs = [_split_dates(o, batch, for_backward=for_backward) for o in out]
         return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-    first, second = out.split(batch)
-    return first, second
+    if for_backward:
+        first, second = out.split(batch)
+        return first, second
+    return out[:batch], out[batch : 2 * batch]
 
 
 def _check_name(name: str) -> None:
