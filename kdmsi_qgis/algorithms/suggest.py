@@ -52,8 +52,8 @@ class SuggestTilesAlgorithm(KdmsiAlgorithm):
         "the chain; labelled changed, they are changes the map half saw. By default half of "
         "the tiles are drawn at random instead (after the ranked ones; the share is an "
         "advanced option), so that the labelled tiles stay a fair sample of the scene: "
-        "measured, that paid off more surely than ranked tiles alone. Suggestions keep the minimum gap (in tile widths) apart, so they are not neighbours in one blob."
-        "\n\n"
+        "measured, that paid off more surely than ranked tiles alone. Suggestions keep the "
+        "minimum gap (in tile widths) apart, so they are not neighbours in one blob.\n\n"
         "Next: label the suggested tiles (change = 1 or 0 in the labelling grid) and run the "
         "chain again."
     )
